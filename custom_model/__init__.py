@@ -1,0 +1,5 @@
+"""Architectures the paper uses that timm lacks, registered with timm on import.
+
+After `import custom_model`, `timm.create_model(name)` and every `--model`/`--teacher` flag accept them.
+"""
+from . import swin_small_variants  # noqa: F401

@@ -1,0 +1,81 @@
+"""RSD: Redundancy Suppression Distillation (REFERENCE.md §1).
+
+L = CE(logits_s, y) + lambda * L_rsd(h(z_s), z_t), where h is the AAD projector (discarded after
+training) and L_rsd = sum_i (C_ii - 1)^2 + kappa * sum_{i != j} C_ij^2 over the cross-correlation C
+of the batch-standardised teacher and projected student embeddings (the paper's Pearson matrix, Eq. 4).
+Statistics are taken over the global batch under DDP, the AAD's BatchNorm included.
+"""
+import torch
+from torch import nn
+
+from engine.distributed import gather_no_grad, gather_with_grad
+from engine.errors import UserError
+from engine.features import FeatureRequest
+from engine.models import embedding_dim
+
+from .base import Distiller
+from .registry import register_distiller
+
+STANDARDISE_EPS = 1e-5
+
+
+def standardise(x):
+    """Per-dimension z-score over the batch, biased std, as the official code does."""
+    return (x - x.mean(dim=0)) / (x.std(dim=0, unbiased=False) + STANDARDISE_EPS)
+
+
+def rsd_loss(student_feats, teacher_feats, kappa):
+    """Invariance term on C's diagonal plus kappa times the redundancy (off-diagonal) term; a sum."""
+    s, t = standardise(student_feats.float()), standardise(teacher_feats.float())
+    corr = t.t() @ s / s.shape[0]
+    diag = torch.diagonal(corr)
+    invariance = (diag - 1).pow(2).sum()
+    redundancy = corr.pow(2).sum() - diag.pow(2).sum()
+    return invariance + kappa * redundancy
+
+
+class ArchitectureAgnosticDecoupler(nn.Sequential):
+    """AAD: Linear(D_s, gamma*D_s) -> BN -> GELU -> Linear(gamma*D_s, D_t), no biases in the linears."""
+
+    def __init__(self, in_dim, out_dim, gamma=2.0):
+        hidden = int(round(gamma * in_dim))
+        super().__init__(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(),
+                         nn.Linear(hidden, out_dim, bias=False))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.BatchNorm1d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+@register_distiller("rsd")
+class RSD(Distiller):
+    student_request = FeatureRequest(embedding=True)
+    teacher_request = FeatureRequest(logits=False, embedding=True)
+
+    def __init__(self, student, teacher_model, args, gt_criterion):
+        super().__init__(student, teacher_model, args, gt_criterion)
+        self.loss_weight, self.kappa = args.rsd_loss_weight, args.rsd_kappa
+        d_s, d_t = embedding_dim(student), embedding_dim(teacher_model)
+        if args.rsd_no_aad:
+            if d_s != d_t:
+                raise UserError(f"--rsd-no-aad needs equal embedding widths, but the student has {d_s} and the "
+                                f"teacher {d_t}; drop --rsd-no-aad")
+            self.aad = nn.Identity()
+        else:
+            self.aad = ArchitectureAgnosticDecoupler(d_s, d_t, args.rsd_gamma)
+
+    @classmethod
+    def add_arguments(cls, parser):
+        g = parser.add_argument_group("RSD")
+        g.add_argument("--rsd-loss-weight", type=float, default=0.1, help="lambda: weight of L_rsd")
+        g.add_argument("--rsd-kappa", type=float, default=0.01, help="kappa: weight of the off-diagonal term")
+        g.add_argument("--rsd-gamma", type=float, default=2.0, help="gamma: AAD hidden width / student width")
+        g.add_argument("--rsd-no-aad", action="store_true", help="ablation: no AAD (needs D_s == D_t)")
+
+    def distill_losses(self, student_feats, teacher_feats, targets):
+        # AAD runs on the gathered global batch, so its BatchNorm sees global statistics on any device.
+        projected = self.aad(gather_with_grad(student_feats.embedding))
+        teacher = gather_no_grad(teacher_feats.embedding)
+        return {"rsd": self.loss_weight * rsd_loss(projected, teacher, self.kappa)}

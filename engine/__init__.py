@@ -1,0 +1,1 @@
+"""The training engine: data, models, features, distributed helpers, checkpoints and the loop."""

@@ -1,0 +1,63 @@
+"""YAML configs whose keys are argument names: the file sets defaults, the command line wins."""
+import argparse
+import os
+
+import yaml
+
+from .errors import UserError
+
+
+def _convert(action, value):
+    """Apply the argument's type to YAML scalars, as argparse does for strings on the command line.
+
+    PyYAML reads `5e-4` (no dot) as a string, so a config's numbers are converted the same way the
+    command line's are.
+    """
+    if action.type is None:
+        return value
+    if isinstance(value, list):
+        return [action.type(v) if isinstance(v, str) else v for v in value]
+    if isinstance(value, str):
+        return action.type(value)
+    return value
+
+
+def load_config_defaults(parser, path):
+    """Read a YAML config and return {dest: value}, rejecting keys the parser does not know."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path!r}; pass an existing YAML file to -c/--config "
+                        f"(see configs/ for examples)")
+    with open(path) as f:
+        try:
+            cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config {path!r} is not valid YAML: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"config {path!r} must be a mapping of argument names to values")
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(k for k in cfg if k not in actions or k in ("help", "config"))
+    if unknown:
+        raise UserError(f"config {path!r}: unknown key(s) {', '.join(unknown)}; keys are argument names with "
+                        f"underscores (e.g. batch_size for --batch-size): fix or remove them "
+                        f"(`python train.py --help` lists every argument)")
+    try:
+        return {k: _convert(actions[k], v) for k, v in cfg.items()}
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"config {path!r}: a value has the wrong type ({exc})") from None
+
+
+def parse_args_with_config(parser, argv=None):
+    """Parse `argv`; a `-c/--config FILE` among them sets the defaults first."""
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("-c", "--config", default="")
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config_defaults(parser, known.config))
+    return parser.parse_args(argv)
+
+
+def save_args_yaml(args, path):
+    """Write the resolved arguments, loadable again with -c."""
+    resolved = {k: v for k, v in vars(args).items() if k != "config"}
+    with open(path, "w") as f:
+        yaml.safe_dump(resolved, f, sort_keys=False)

@@ -1,0 +1,73 @@
+"""Transforms (timm's factory), samplers and data loaders for training and evaluation."""
+import torch
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .datasets import build_dataset, infer_dataset_kind
+
+
+def resolve_data_settings(args, model, dataset):
+    """timm's data config for `model`, with the dataset's mean/std unless --mean/--std are given."""
+    overrides = dict(vars(args))
+    overrides["mean"] = args.mean or dataset.mean
+    overrides["std"] = args.std or dataset.std
+    if args.img_size:
+        overrides["input_size"] = (3, args.img_size, args.img_size)
+    return resolve_data_config(overrides, model=model)
+
+
+def build_transform(args, data_config, is_training):
+    return create_transform(
+        input_size=data_config["input_size"], is_training=is_training, no_aug=args.no_aug,
+        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=data_config["interpolation"],
+        mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount, crop_pct=data_config["crop_pct"])
+
+
+def load_datasets(args):
+    """Train and validation datasets (no transforms yet); --dataset inferred from the folder if omitted."""
+    kind = args.dataset or infer_dataset_kind(args.data_dir)
+    return kind, build_dataset(kind, args.data_dir, "train", args), build_dataset(kind, args.data_dir, "val", args)
+
+
+def _shard(n, rank, world_size):
+    """Evaluation indices of one process: every world_size-th sample, no padding, so metrics are exact."""
+    return list(range(rank, n, world_size))
+
+
+def build_loaders(args, env, train_set, val_set, data_config):
+    train_set.transform = build_transform(args, data_config, is_training=True)
+    val_set.transform = build_transform(args, data_config, is_training=False)
+    if args.aug_repeats:
+        train_sampler = RepeatAugSampler(train_set, num_replicas=env.world_size, rank=env.rank,
+                                         num_repeats=args.aug_repeats)
+    else:
+        train_sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank,
+                                           shuffle=True, seed=args.seed)
+    common = dict(num_workers=args.workers, pin_memory=env.device.type == "cuda",
+                  persistent_workers=args.workers > 0)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
+                              **common)
+    val_loader = DataLoader(val_set, batch_size=args.validation_batch_size or args.batch_size,
+                            sampler=_shard(len(val_set), env.rank, env.world_size), **common)
+    return train_loader, val_loader
+
+
+def build_mixup(args, num_classes):
+    """timm Mixup/CutMix (None when neither is enabled); it also applies label smoothing."""
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def seed_everything(seed, rank):
+    import random
+
+    import numpy as np
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)

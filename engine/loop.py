@@ -1,0 +1,144 @@
+"""The training epoch and the evaluation pass."""
+import contextlib
+import datetime
+import math
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from timm.utils import accuracy, dispatch_clip_grad
+
+from .distributed import all_reduce_sum
+from .errors import UserError
+
+
+def autocast_context(args, device):
+    """Mixed precision for the student step: bf16 or fp16 on CUDA, bf16 on CPU."""
+    if not args.amp:
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    if device.type == "cpu" and dtype == torch.float16:
+        raise UserError("--amp-dtype float16 is not supported on CPU; use --amp-dtype bfloat16")
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def format_seconds(seconds):
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class LossTracker:
+    """Sums detached loss tensors on the device; values are read (a host sync) only when logged."""
+
+    def __init__(self):
+        self.sums, self.count = defaultdict(float), 0
+        self._pending, self._pending_count = {}, 0
+
+    def add(self, losses):
+        for name, value in losses.items():
+            value = value.detach()
+            self._pending[name] = self._pending[name] + value if name in self._pending else value
+        self._pending_count += 1
+
+    def flush(self):
+        """Average over processes, fold into the running sums, and return the mean of each term so far."""
+        if self._pending:
+            names = sorted(self._pending)
+            stacked = torch.stack([self._pending[n].float() for n in names])
+            stacked = (all_reduce_sum(stacked) / _world_size()).tolist()
+            for name, value in zip(names, stacked):
+                self.sums[name] += value
+            self.count += self._pending_count
+            self._pending, self._pending_count = {}, 0
+        return {name: total / max(self.count, 1) for name, total in self.sums.items()}
+
+
+def _world_size():
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def train_one_epoch(run, epoch, global_step):
+    """One pass over run.train_loader; returns ({'loss': ..., term: ...}, global_step)."""
+    args, env, log = run.args, run.env, run.log
+    run.model.train()
+    run.train_loader.sampler.set_epoch(epoch)
+    tracker = LossTracker()
+    steps = len(run.train_loader)
+    start = time.time()
+    params = [p for p in run.distiller.parameters() if p.requires_grad]
+    for step, (images, targets) in enumerate(run.train_loader):
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        if run.mixup is not None:
+            images, targets = run.mixup(images, targets)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        teacher_feats = run.teacher(images) if run.teacher is not None else None
+        with run.autocast():
+            _, losses = run.model(images, targets, teacher_feats)
+        loss = sum(losses.values())
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler is not None:
+            run.scaler.scale(loss).backward()
+            if args.clip_grad is not None:
+                run.scaler.unscale_(run.optimizer)
+                dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            loss.backward()
+            if args.clip_grad is not None:
+                dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
+            run.optimizer.step()
+        for ema in run.emas:
+            ema.update(run.student, step=global_step)
+        global_step += 1
+        run.scheduler.step_update(num_updates=global_step)
+        tracker.add({"loss": loss, **losses})
+        if step == steps - 1 or (step + 1) % args.log_interval == 0:
+            means = tracker.flush()
+            if not math.isfinite(means["loss"]):
+                raise UserError(f"the loss became {means['loss']} at epoch {epoch} step {step + 1}; lower --lr, "
+                                f"set --clip-grad, or check the data and teacher; the last good checkpoint is kept")
+            _log_progress(run, epoch, step, steps, start, images.shape[0], means, global_step)
+    return tracker.flush(), global_step
+
+
+def _log_progress(run, epoch, step, steps, start, batch_size, means, global_step):
+    if not run.env.is_main:
+        return
+    elapsed = time.time() - start
+    per_step = elapsed / (step + 1)
+    steps_left_run = (steps - step - 1) + (run.args.epochs - epoch - 1) * steps
+    lr = run.optimizer.param_groups[0]["lr"]
+    terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+    run.log.info(f"Train: {epoch} [{step + 1:>4d}/{steps} ({100 * (step + 1) / steps:3.0f}%)]  {terms}  "
+                 f"lr {lr:.3e}  {batch_size * run.env.world_size / per_step:.1f} img/s  "
+                 f"ETA epoch {format_seconds(per_step * (steps - step - 1))} run {format_seconds(per_step * steps_left_run)}")
+    if run.writer is not None:
+        for k, v in means.items():
+            run.writer.add_scalar(f"train/{k}", v, global_step)
+        run.writer.add_scalar("train/lr", lr, global_step)
+
+
+@torch.inference_mode()
+def evaluate(predict, loader, env, autocast=contextlib.nullcontext, channels_last=False):
+    """Top-1, top-5 (%) and mean cross-entropy of `predict(images) -> logits` over this process's shard,
+    summed exactly over processes."""
+    totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss sum, top1 hits, top5 hits, count
+    for images, targets in loader:
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = predict(images).float()
+        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
+        n = targets.shape[0]
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                               top1.double() * n / 100, top5.double() * n / 100,
+                               torch.tensor(n, dtype=torch.float64, device=env.device)])
+    loss_sum, hits1, hits5, count = all_reduce_sum(totals).tolist()
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "top1": 100 * hits1 / count, "top5": 100 * hits5 / count}

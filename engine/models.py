@@ -1,0 +1,93 @@
+"""Model creation through timm (custom_model/ registered first) and state-dict loading."""
+import os
+
+import timm
+import torch
+
+import custom_model  # noqa: F401  (registers extra architectures with timm)
+
+from .errors import UserError
+
+
+def create_model(name, num_classes, img_size=None, **kwargs):
+    """timm.create_model with `img_size` passed only to architectures that take it."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise UserError(f"unknown model {name!r}; timm names such as {', '.join(close) or 'resnet18'} "
+                        f"(python -c \"import timm; print(timm.list_models('*vit*'))\" lists them)")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if img_size:
+        try:
+            return timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+def count_parameters(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def embedding_dim(model):
+    """Width of the pooled pre-logits vector (`forward_head(..., pre_logits=True)`)."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
+
+
+def read_checkpoint(path):
+    if not path or not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path!r}; pass the path of an existing .pth/.pth.tar file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise UserError(f"cannot read checkpoint {path!r} as a PyTorch file with weights_only=True "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+def extract_state_dict(checkpoint, path, use_ema=False):
+    """The model weights in a raw state dict, {'state_dict': ...}, {'model': ...} or one of our files."""
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path!r} holds a {type(checkpoint).__name__}, not a state dict")
+    keys = ("state_dict_ema", "model_ema") if use_ema else ("state_dict", "model", "student")
+    for key in keys:
+        if isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    else:
+        if use_ema:
+            raise UserError(f"{path!r} has no EMA weights (no 'state_dict_ema' entry); drop --use-ema/"
+                            f"--use-ema-teacher or train with --model-ema")
+        state = checkpoint
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path!r} does not look like model weights (non-tensor entries)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _classifier_weight_name(model):
+    classifier = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is classifier:
+            return f"{name}.weight"
+    return None
+
+
+def load_weights(model, path, model_name, use_ema=False, role="model"):
+    """Strictly load `path` into `model`, with errors that name the mismatch and the fix."""
+    state = extract_state_dict(read_checkpoint(path), path, use_ema)
+    own = model.state_dict()
+    head = _classifier_weight_name(model)
+    if head in state and head in own and state[head].shape[0] != own[head].shape[0]:
+        raise UserError(f"{role} checkpoint {path!r} has a {state[head].shape[0]}-class head but {model_name!r} "
+                        f"was built with {own[head].shape[0]} classes; set --num-classes "
+                        f"{state[head].shape[0]} or use a checkpoint fine-tuned for {own[head].shape[0]} classes")
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        details = "; ".join(f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("shape mismatch", wrong_shape)) if keys)
+        raise UserError(f"{role} checkpoint {path!r} does not match architecture {model_name!r} ({details}); "
+                        f"check the model name, --num-classes and --img-size it was trained with")
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,130 @@
+"""train.py's arguments: timm train.py names, so the paper's YAML configs and command lines work unchanged."""
+import argparse
+
+from .datasets import DATASET_KINDS
+
+
+def _float_list(values):
+    return [float(v) for v in values]
+
+
+def build_train_parser(distiller_registry):
+    p = argparse.ArgumentParser(
+        description="Cross-architecture knowledge distillation (RSD, KD, ...) on timm models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-c", "--config", default="", help="YAML file of argument defaults (keys are argument names)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("data_dir", nargs="?", default="", help="dataset folder")
+    g.add_argument("--dataset", default="", choices=("",) + DATASET_KINDS,
+                   help="dataset kind; inferred from the folder when omitted")
+    g.add_argument("--dataset-download", action="store_true", help="download CIFAR-100 if missing")
+    g.add_argument("--synthetic-train-size", type=int, default=512)
+    g.add_argument("--synthetic-val-size", type=int, default=128)
+    g.add_argument("--synthetic-seed", type=int, default=0)
+    g.add_argument("--img-size", type=int, default=None, help="input size (default: the student's)")
+    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
+    g.add_argument("--crop-pct", type=float, default=None)
+    g.add_argument("--mean", type=float, nargs="+", default=None, help="override the dataset's mean")
+    g.add_argument("--std", type=float, nargs="+", default=None, help="override the dataset's std")
+    g.add_argument("--interpolation", default="")
+    g.add_argument("-b", "--batch-size", type=int, default=128, help="per-process batch size")
+    g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+    g.add_argument("-j", "--workers", type=int, default=4)
+
+    g = p.add_argument_group("student model")
+    g.add_argument("--model", default="resnet18")
+    g.add_argument("--pretrained", action="store_true", help="start the student from timm's pretrained weights")
+    g.add_argument("--initial-checkpoint", default="", help="start the student from these weights")
+    g.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
+    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
+    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+    g.add_argument("--drop-block", type=float, default=None)
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm for the student (GPU, distributed)")
+    g.add_argument("--channels-last", action="store_true")
+
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", default="", help="timm model name of the frozen teacher ('' = none)")
+    g.add_argument("--teacher-pretrained", default="", help="teacher checkpoint (state dict or training file)")
+    g.add_argument("--use-ema-teacher", action="store_true", help="take the EMA weights from the teacher file")
+    g.add_argument("--teacher-precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="teacher forward precision (autocast); bf16 is fast on CPUs with AMX and on GPUs")
+    g.add_argument("--no-eval-teacher", action="store_true", help="skip scoring the teacher before training")
+
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distiller", default="vanilla", choices=sorted(distiller_registry))
+    g.add_argument("--gt-loss-weight", type=float, default=1.0, help="weight of the ground-truth loss")
+    g.add_argument("--kd-loss-weight", type=float, default=1.0, help="weight of the distillation loss")
+    for distiller_cls in distiller_registry.values():
+        distiller_cls.add_arguments(p)
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--opt", default="sgd")
+    g.add_argument("--opt-eps", type=float, default=None)
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=2e-5)
+    g.add_argument("--clip-grad", type=float, default=None, help="gradient clipping threshold")
+    g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
+    g.add_argument("--layer-decay", type=float, default=None)
+
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--sched-on-updates", action="store_true", help="update the lr every step, not every epoch")
+    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--lr-noise", type=float, nargs="+", default=None)
+    g.add_argument("--lr-k-decay", type=float, default=1.0)
+    g.add_argument("--warmup-lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--decay-epochs", type=float, default=100)
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
+    g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+    g.add_argument("--warmup-epochs", type=int, default=3)
+    g.add_argument("--warmup-prefix", action="store_true")
+    g.add_argument("--cooldown-epochs", type=int, default=0)
+
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--no-aug", action="store_true", help="no training augmentation (resize and crop only)")
+    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="random-resized-crop scale")
+    g.add_argument("--ratio", type=float, nargs=2, default=[3. / 4., 4. / 3.])
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--vflip", type=float, default=0.0)
+    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--aa", default=None, help="AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
+    g.add_argument("--aug-repeats", type=int, default=0, help="repeated augmentation count (0 = off)")
+    g.add_argument("--reprob", type=float, default=0.0, help="random erasing probability")
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--mixup", type=float, default=0.0)
+    g.add_argument("--cutmix", type=float, default=0.0)
+    g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", default="batch")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--bce-loss", action="store_true", help="binary cross-entropy as the ground-truth loss")
+    g.add_argument("--bce-target-thresh", type=float, default=None)
+
+    g = p.add_argument_group("EMA")
+    g.add_argument("--model-ema", action="store_true", help="keep EMA copies of the student")
+    g.add_argument("--model-ema-decay", type=float, nargs="+", default=[0.9998], help="one EMA per decay")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    g.add_argument("--amp", action="store_true", help="mixed precision for the student step")
+    g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--output", default="output/train", help="parent folder of run folders")
+    g.add_argument("--experiment", default="", help="run folder name (default: time-distiller-model-teacher)")
+    g.add_argument("--resume", default="", help="continue the run of this last.pth.tar (in its own folder)")
+    g.add_argument("--eval-metric", default="top1")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _cuda_available():
+    import torch
+    return torch.cuda.is_available()
