@@ -24,9 +24,21 @@ def standardise(x):
     return (x - x.mean(dim=0)) / (x.std(dim=0, unbiased=False) + STANDARDISE_EPS)
 
 
+def _at_least_fp32(x):
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rsd_loss(student_feats, teacher_feats, kappa):
-    """Invariance term on C's diagonal plus kappa times the redundancy (off-diagonal) term; a sum."""
-    s, t = standardise(student_feats.float()), standardise(teacher_feats.float())
+    """Invariance term on C's diagonal plus kappa times the redundancy (off-diagonal) term; a sum.
+
+    Computed in fp32 (or fp64) even under autocast: C is a sum over the batch of products.
+    """
+    with torch.autocast(student_feats.device.type, enabled=False):
+        return _rsd_loss_fp32(_at_least_fp32(student_feats), _at_least_fp32(teacher_feats), kappa)
+
+
+def _rsd_loss_fp32(student_feats, teacher_feats, kappa):
+    s, t = standardise(student_feats), standardise(teacher_feats)
     corr = t.t() @ s / s.shape[0]
     diag = torch.diagonal(corr)
     invariance = (diag - 1).pow(2).sum()

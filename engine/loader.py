@@ -17,13 +17,19 @@ def resolve_data_settings(args, model, dataset):
     return resolve_data_config(overrides, model=model)
 
 
-def build_transform(args, data_config, is_training):
+def build_train_transform(args, data_config):
     return create_transform(
-        input_size=data_config["input_size"], is_training=is_training, no_aug=args.no_aug,
+        input_size=data_config["input_size"], is_training=True, no_aug=args.no_aug,
         scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
         color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=data_config["interpolation"],
         mean=data_config["mean"], std=data_config["std"], re_prob=args.reprob, re_mode=args.remode,
         re_count=args.recount, crop_pct=data_config["crop_pct"])
+
+
+def build_eval_transform(data_config):
+    return create_transform(input_size=data_config["input_size"], is_training=False,
+                            interpolation=data_config["interpolation"], mean=data_config["mean"],
+                            std=data_config["std"], crop_pct=data_config["crop_pct"])
 
 
 def load_datasets(args):
@@ -38,16 +44,17 @@ def _shard(n, rank, world_size):
 
 
 def build_loaders(args, env, train_set, val_set, data_config):
-    train_set.transform = build_transform(args, data_config, is_training=True)
-    val_set.transform = build_transform(args, data_config, is_training=False)
+    train_set.transform = build_train_transform(args, data_config)
+    val_set.transform = build_eval_transform(data_config)
     if args.aug_repeats:
         train_sampler = RepeatAugSampler(train_set, num_replicas=env.world_size, rank=env.rank,
                                          num_repeats=args.aug_repeats)
     else:
         train_sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank,
                                            shuffle=True, seed=args.seed)
-    common = dict(num_workers=args.workers, pin_memory=env.device.type == "cuda",
-                  persistent_workers=args.workers > 0)
+    # Workers are not persistent: each epoch's workers are seeded from the main RNG, which a resumed run
+    # restores, so augmentations after --resume match an uninterrupted run.
+    common = dict(num_workers=args.workers, pin_memory=env.device.type == "cuda")
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
                               **common)
     val_loader = DataLoader(val_set, batch_size=args.validation_batch_size or args.batch_size,

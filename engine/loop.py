@@ -50,7 +50,8 @@ class LossTracker:
                 self.sums[name] += value
             self.count += self._pending_count
             self._pending, self._pending_count = {}, 0
-        return {name: total / max(self.count, 1) for name, total in self.sums.items()}
+        ordered = sorted(self.sums, key=lambda name: (name != "loss", name))
+        return {name: self.sums[name] / max(self.count, 1) for name in ordered}
 
 
 def _world_size():
@@ -100,7 +101,7 @@ def train_one_epoch(run, epoch, global_step):
             means = tracker.flush()
             if not math.isfinite(means["loss"]):
                 raise UserError(f"the loss became {means['loss']} at epoch {epoch} step {step + 1}; lower --lr, "
-                                f"set --clip-grad, or check the data and teacher; the last good checkpoint is kept")
+                                f"set --clip-grad, or check the data and teacher (checkpoints of earlier epochs are kept)")
             _log_progress(run, epoch, step, steps, start, images.shape[0], means, global_step)
     return tracker.flush(), global_step
 

@@ -4,16 +4,8 @@ import argparse
 from .datasets import DATASET_KINDS
 
 
-def _float_list(values):
-    return [float(v) for v in values]
-
-
-def build_train_parser(distiller_registry):
-    p = argparse.ArgumentParser(
-        description="Cross-architecture knowledge distillation (RSD, KD, ...) on timm models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-c", "--config", default="", help="YAML file of argument defaults (keys are argument names)")
-
+def add_data_arguments(p):
+    """Dataset and input-pipeline flags shared by train.py and validate.py."""
     g = p.add_argument_group("data")
     g.add_argument("data_dir", nargs="?", default="", help="dataset folder")
     g.add_argument("--dataset", default="", choices=("",) + DATASET_KINDS,
@@ -31,6 +23,15 @@ def build_train_parser(distiller_registry):
     g.add_argument("-b", "--batch-size", type=int, default=128, help="per-process batch size")
     g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
     g.add_argument("-j", "--workers", type=int, default=4)
+
+
+def build_train_parser(distiller_registry):
+    p = argparse.ArgumentParser(
+        description="Cross-architecture knowledge distillation (RSD, KD, ...) on timm models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-c", "--config", default="", help="YAML file of argument defaults (keys are argument names)")
+
+    add_data_arguments(p)
 
     g = p.add_argument_group("student model")
     g.add_argument("--model", default="resnet18")
@@ -112,7 +113,7 @@ def build_train_parser(distiller_registry):
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    g.add_argument("--device", default=default_device())
     g.add_argument("--amp", action="store_true", help="mixed precision for the student step")
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
@@ -125,6 +126,6 @@ def build_train_parser(distiller_registry):
     return p
 
 
-def _cuda_available():
+def default_device():
     import torch
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def run_cli(script, *args, env=None, timeout=600):
+    """Run one of the repo's CLIs in a subprocess; returns CompletedProcess with text output."""
+    full_env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+SMALL_RUN = ["--dataset", "synthetic", "--img-size", "32", "--workers", "0", "-b", "16",
+             "--synthetic-train-size", "64", "--synthetic-val-size", "32", "--log-interval", "1"]
+
+
+@pytest.fixture
+def saved_weights(tmp_path):
+    """Save a freshly built model's state dict: save_weights(name, num_classes, img_size) -> path."""
+    from engine.models import create_model
+
+    def save(name, num_classes=10, img_size=32, wrap=None, filename=None):
+        torch.manual_seed(0)
+        model = create_model(name, num_classes=num_classes, img_size=img_size)
+        state = model.state_dict()
+        path = tmp_path / (filename or f"{name}_{num_classes}.pth")
+        torch.save({wrap: state} if wrap else state, path)
+        return str(path)
+
+    return save

@@ -1,0 +1,105 @@
+"""Each bad input of DESIGN.md §8: one clear message, a non-zero exit, nothing half-written."""
+import os
+
+import pytest
+import torch
+
+from conftest import SMALL_RUN, run_cli
+
+
+def assert_clean_failure(result, message, output_dir):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not os.path.exists(output_dir) or os.listdir(output_dir) == [], "no run folder may be left behind"
+
+
+def train(tmp_path, *args):
+    return run_cli("train.py", *SMALL_RUN, "--output", tmp_path / "runs", *args)
+
+
+def test_unknown_yaml_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("epochs: 1\nbatchsize: 8\n")
+    result = train(tmp_path, "-c", cfg)
+    assert_clean_failure(result, "unknown key(s) batchsize", tmp_path / "runs")
+
+
+def test_unknown_model(tmp_path):
+    assert_clean_failure(train(tmp_path, "--model", "resnet_18"), "unknown model 'resnet_18'", tmp_path / "runs")
+
+
+def test_unknown_distiller(tmp_path):
+    result = train(tmp_path, "--distiller", "rsdd")
+    assert result.returncode == 2 and "invalid choice: 'rsdd'" in result.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_missing_teacher_checkpoint(tmp_path):
+    result = train(tmp_path, "--distiller", "rsd", "--teacher", "resnet18", "--teacher-pretrained",
+                   tmp_path / "missing.pth")
+    assert_clean_failure(result, "checkpoint not found", tmp_path / "runs")
+
+
+def test_teacher_without_checkpoint(tmp_path):
+    result = train(tmp_path, "--distiller", "kd", "--teacher", "resnet18")
+    assert_clean_failure(result, "needs --teacher-pretrained", tmp_path / "runs")
+
+
+def test_teacher_class_count_mismatch_names_both_sizes(tmp_path, saved_weights):
+    ckpt = saved_weights("resnet18", num_classes=100)
+    result = train(tmp_path, "--distiller", "rsd", "--teacher", "resnet18", "--teacher-pretrained", ckpt)
+    assert_clean_failure(result, "has a 100-class head but 'resnet18' was built with 10 classes", tmp_path / "runs")
+
+
+def test_teacher_architecture_mismatch(tmp_path, saved_weights):
+    ckpt = saved_weights("resnet34", num_classes=10)
+    result = train(tmp_path, "--distiller", "rsd", "--teacher", "resnet18", "--teacher-pretrained", ckpt)
+    assert_clean_failure(result, "does not match architecture 'resnet18'", tmp_path / "runs")
+
+
+def test_teacher_file_that_is_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "teacher.pth"
+    bad.write_bytes(b"not a zip file at all")
+    result = train(tmp_path, "--distiller", "kd", "--teacher", "resnet18", "--teacher-pretrained", bad)
+    assert_clean_failure(result, "cannot read checkpoint", tmp_path / "runs")
+
+
+def test_dataset_not_found(tmp_path):
+    result = run_cli("train.py", tmp_path / "no_such_dir", "--output", tmp_path / "runs")
+    assert_clean_failure(result, "is not a folder", tmp_path / "runs")
+
+
+def test_cifar_folder_without_files(tmp_path):
+    (tmp_path / "cifar").mkdir()
+    result = run_cli("train.py", tmp_path / "cifar", "--dataset", "cifar100", "--output", tmp_path / "runs")
+    assert_clean_failure(result, "CIFAR-100 not found", tmp_path / "runs")
+
+
+def test_unrecognisable_data_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = run_cli("train.py", tmp_path / "data", "--output", tmp_path / "runs")
+    assert_clean_failure(result, "cannot tell the dataset kind", tmp_path / "runs")
+
+
+def test_resume_from_a_non_training_file(tmp_path, saved_weights):
+    result = train(tmp_path, "--resume", saved_weights("resnet18"))
+    assert_clean_failure(result, "is not a training checkpoint", tmp_path / "runs")
+
+
+def test_nan_loss_stops_without_a_checkpoint(tmp_path):
+    result = train(tmp_path, "--lr", "1e12", "--warmup-epochs", "0", "--epochs", "2", "--experiment", "nan")
+    assert result.returncode == 2
+    assert "the loss became nan" in result.stderr or "the loss became inf" in result.stderr
+    files = os.listdir(tmp_path / "runs" / "nan")
+    assert not any(f.endswith((".pth", ".pth.tar", ".tmp")) for f in files), files
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    first = train(tmp_path, "--epochs", "1", "--experiment", "same")
+    assert first.returncode == 0, first.stderr
+    before = os.path.getmtime(tmp_path / "runs" / "same" / "last.pth.tar")
+    second = train(tmp_path, "--epochs", "1", "--experiment", "same")
+    assert second.returncode == 2 and "already holds a run" in second.stderr
+    assert os.path.getmtime(tmp_path / "runs" / "same" / "last.pth.tar") == before
+    assert torch.load(tmp_path / "runs" / "same" / "last.pth.tar", weights_only=True)["epoch"] == 0
