@@ -1,0 +1,69 @@
+"""DESIGN.md §4: two gloo processes with batch B/2 each give the same RSD loss and weights as one with B.
+
+The student is a DeiT (no BatchNorm: torch's SyncBatchNorm needs a GPU); the AAD's BatchNorm runs on the
+gathered global batch, so it must match too.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+STEPS = 6
+COMMON = ["--dataset", "synthetic", "--img-size", "32", "--workers", "0", "--synthetic-train-size", str(16 * STEPS),
+          "--synthetic-val-size", "32", "--log-interval", "1", "--no-aug", "--smoothing", "0",
+          "--model", "deit_tiny_patch16_224", "--distiller", "rsd", "--teacher", "resnet18",
+          "--opt", "sgd", "--lr", "0.01", "--warmup-epochs", "0", "--epochs", "1", "--no-eval-teacher"]
+
+
+def _launch(nproc, out, teacher_ckpt, student_init):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    args = [*COMMON, "-b", str(16 // nproc), "--teacher-pretrained", teacher_ckpt,
+            "--initial-checkpoint", student_init, "--output", str(out), "--experiment", f"np{nproc}"]
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    result = subprocess.run([sys.executable, *launcher, "train.py", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = open(out / f"np{nproc}" / "log.txt").read()
+    state = torch.load(out / f"np{nproc}" / "last.pth.tar", weights_only=True)
+    return log, state
+
+
+def _flat(state):
+    return torch.cat([v.flatten().double() for v in state.values() if v.is_floating_point()])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, saved_weights):
+    teacher = saved_weights("resnet18", num_classes=10)
+    init = saved_weights("deit_tiny_patch16_224", num_classes=10)
+    w0 = torch.load(init, weights_only=True)
+    log1, run1 = _launch(1, tmp_path, teacher, init)
+    log2, run2 = _launch(2, tmp_path, teacher, init)
+    assert "2 process(es)" in log2 and "global batch 16" in log2
+
+    rsd1 = [float(v) for v in re.findall(r" rsd ([0-9.]+)", log1)]
+    rsd2 = [float(v) for v in re.findall(r" rsd ([0-9.]+)", log2)]
+    assert len(rsd1) == len(rsd2) == STEPS
+    for a, b in zip(rsd1, rsd2):
+        assert abs(a - b) <= 1e-5 * abs(a), (rsd1, rsd2)
+
+    s1, s2 = run1["state_dict"], run2["state_dict"]
+    assert (_flat(s1) - _flat(s2)).norm() <= 1e-5 * _flat(s1).norm()
+    assert (_flat(s1) - _flat(w0)).norm() > 1e-3 * _flat(w0).norm(), "training must have moved the weights"
+    # Per tensor, the update itself agrees to fp32 reduction-order noise; a wrong gradient scale or a
+    # local-batch statistic would differ by tens of percent.
+    for name, a in s1.items():
+        update = (a - w0[name]).double()
+        if update.norm() > 0:
+            assert (a - s2[name]).double().norm() <= 1e-3 * update.norm(), name
+    # The AAD, BatchNorm running statistics included. Its weights start at std 0.02 and take large relative
+    # steps, so fp32 noise in its inputs shows at ~2e-5; BatchNorm statistics over the local half-batch
+    # would be off by tens of percent.
+    e1, e2 = run1["distiller_extra"], run2["distiller_extra"]
+    for name, a in e1.items():
+        assert (a.double() - e2[name].double()).norm() <= 1e-4 * a.double().norm(), name
