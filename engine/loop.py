@@ -59,9 +59,35 @@ def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def train_step(model, teacher, optimizer, images, targets, *, autocast, scaler=None, clip_grad=None,
+               clip_mode="norm", params=None):
+    """One optimisation step: teacher features (frozen, no grad), the distiller's losses, backward, update.
+
+    Returns the total loss and its terms as tensors (not read here, so the step never waits on the device).
+    """
+    teacher_feats = teacher(images) if teacher is not None else None
+    with autocast():
+        _, losses = model(images, targets, teacher_feats)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip_grad is not None:
+            scaler.unscale_(optimizer)
+            dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad is not None:
+            dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+        optimizer.step()
+    return loss, losses
+
+
 def train_one_epoch(run, epoch, global_step):
     """One pass over run.train_loader; returns ({'loss': ..., term: ...}, global_step)."""
-    args, env, log = run.args, run.env, run.log
+    args, env = run.args, run.env
     run.model.train()
     run.train_loader.sampler.set_epoch(epoch)
     tracker = LossTracker()
@@ -75,23 +101,9 @@ def train_one_epoch(run, epoch, global_step):
             images, targets = run.mixup(images, targets)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        teacher_feats = run.teacher(images) if run.teacher is not None else None
-        with run.autocast():
-            _, losses = run.model(images, targets, teacher_feats)
-        loss = sum(losses.values())
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            if args.clip_grad is not None:
-                run.scaler.unscale_(run.optimizer)
-                dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            loss.backward()
-            if args.clip_grad is not None:
-                dispatch_clip_grad(params, args.clip_grad, mode=args.clip_mode)
-            run.optimizer.step()
+        loss, losses = train_step(run.model, run.teacher, run.optimizer, images, targets, autocast=run.autocast,
+                                  scaler=run.scaler, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                                  params=params)
         for ema in run.emas:
             ema.update(run.student, step=global_step)
         global_step += 1
@@ -100,8 +112,8 @@ def train_one_epoch(run, epoch, global_step):
         if step == steps - 1 or (step + 1) % args.log_interval == 0:
             means = tracker.flush()
             if not math.isfinite(means["loss"]):
-                raise UserError(f"the loss became {means['loss']} at epoch {epoch} step {step + 1}; lower --lr, "
-                                f"set --clip-grad, or check the data and teacher (checkpoints of earlier epochs are kept)")
+                raise UserError(f"the loss became {means['loss']} at epoch {epoch} step {step + 1}; lower --lr, set "
+                                f"--clip-grad, or check the data and teacher (earlier epochs' checkpoints are kept)")
             _log_progress(run, epoch, step, steps, start, images.shape[0], means, global_step)
     return tracker.flush(), global_step
 

@@ -13,10 +13,12 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class FrozenTeacher:
     """Deliberately not an nn.Module: a distiller's .train(), .state_dict() and DDP cannot reach it."""
 
-    def __init__(self, model, request, device, precision="fp32"):
+    def __init__(self, model, request, device, precision="fp32", compile=False, grad_context=torch.inference_mode):
         self.model = model.to(device).eval().requires_grad_(False)
         self.request, self.device = request, device
         self.dtype = PRECISIONS[precision]
+        self.grad_context = grad_context  # the benchmark swaps in no_grad/enable_grad to measure the lever
+        self._extract = torch.compile(extract_features) if compile else extract_features
 
     def _autocast(self):
         if self.dtype is None:
@@ -24,8 +26,8 @@ class FrozenTeacher:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def __call__(self, images):
-        with torch.inference_mode(), self._autocast():
-            features = extract_features(self.model, images, self.request)
+        with self.grad_context(), self._autocast():
+            features = self._extract(self.model, images, self.request)
         return features.detached_float()
 
     def predict(self, images):

@@ -116,7 +116,7 @@ def build_train_parser(distiller_registry):
     g.add_argument("--device", default=default_device())
     g.add_argument("--amp", action="store_true", help="mixed precision for the student step")
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student step and the teacher")
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--output", default="output/train", help="parent folder of run folders")
     g.add_argument("--experiment", default="", help="run folder name (default: time-distiller-model-teacher)")

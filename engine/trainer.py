@@ -126,7 +126,8 @@ def setup_run(args):
     distiller.to(env.device)
     teacher = None
     if teacher_model is not None:
-        teacher = FrozenTeacher(teacher_model, distiller.teacher_request, env.device, args.teacher_precision)
+        teacher = FrozenTeacher(teacher_model, distiller.teacher_request, env.device, args.teacher_precision,
+                                compile=args.compile)
         if args.channels_last:
             teacher.model.to(memory_format=torch.channels_last)
 
@@ -134,6 +135,8 @@ def setup_run(args):
     scaler = torch.amp.GradScaler("cuda") if args.amp and args.amp_dtype == "float16" else None
     scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=len(train_loader))
     emas = [ModelEmaV3(student, decay=decay) for decay in args.model_ema_decay] if args.model_ema else []
+    if args.compile:
+        distiller.compile()  # in place: parameter names and checkpoints stay the same
     model = distiller
     if env.distributed:
         model = DistributedDataParallel(distiller, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
@@ -180,11 +183,10 @@ def _save_checkpoints(run, epoch, is_best):
     state = training_state(epoch=epoch, global_step=run.global_step, args=run.args, student=run.student,
                            distiller=run.distiller, optimizer=run.optimizer, scheduler=run.scheduler,
                            scaler=run.scaler, emas=run.emas, best_metric=run.best_metric, best_epoch=run.best_epoch)
-    last = os.path.join(run.folder, "last.pth.tar")
-    atomic_save(state, last)
+    atomic_save(state, os.path.join(run.folder, "last.pth.tar"))
     atomic_save(run.student.state_dict(), os.path.join(run.folder, "student_last.pth"))
     if is_best:
-        for src, dst in ((last, "best.pth.tar"), ("student_last.pth", "student_best.pth")):
+        for src, dst in (("last.pth.tar", "best.pth.tar"), ("student_last.pth", "student_best.pth")):
             tmp = os.path.join(run.folder, dst + ".tmp")
             shutil.copyfile(os.path.join(run.folder, src), tmp)
             os.replace(tmp, os.path.join(run.folder, dst))

@@ -9,10 +9,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def run_cli(script, *args, env=None, timeout=600):
+def run_cli(script, *args, env=None, timeout=600, cwd=REPO):
     """Run one of the repo's CLIs in a subprocess; returns CompletedProcess with text output."""
     full_env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=full_env, timeout=timeout)
 
 

@@ -103,3 +103,16 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
     assert second.returncode == 2 and "already holds a run" in second.stderr
     assert os.path.getmtime(tmp_path / "runs" / "same" / "last.pth.tar") == before
     assert torch.load(tmp_path / "runs" / "same" / "last.pth.tar", weights_only=True)["epoch"] == 0
+
+
+def test_relative_output_folder_and_outputs(tmp_path):
+    """A relative --output (as in the configs) resolves against the working directory; every file is there."""
+    result = run_cli("train.py", *SMALL_RUN, "--epochs", "2", "--output", "runs", "--experiment", "rel",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    files = set(os.listdir(tmp_path / "runs" / "rel"))
+    assert {"args.yaml", "log.txt", "summary.csv", "last.pth.tar", "best.pth.tar", "student_last.pth",
+            "student_best.pth"} <= files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert not any(f.endswith(".tmp") for f in files)
+    assert len((tmp_path / "runs" / "rel" / "summary.csv").read_text().splitlines()) == 3  # header + 2 epochs

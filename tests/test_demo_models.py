@@ -1,0 +1,30 @@
+"""The demo's small-input models: shapes of logits, pooled embedding and stage features at 32 px."""
+import pytest
+import timm
+import torch
+
+import custom_model  # noqa: F401
+from engine.features import FeatureRequest, extract_features
+
+
+@pytest.mark.parametrize("name,params,embed,stages", [
+    ("convnext_demo_32", 1_905_994, 256, [(32, 8, 8), (64, 4, 4), (128, 2, 2), (256, 1, 1)]),
+    ("deit_demo_32", 459_562, 96, [(96, 8, 8)] * 4),
+])
+def test_shapes(name, params, embed, stages):
+    model = timm.create_model(name).eval()
+    assert sum(p.numel() for p in model.parameters()) == params
+    x = torch.randn(3, 3, 32, 32)
+    feats = extract_features(model, x, FeatureRequest(stages=(0, 1, 2, 3), embedding=True))
+    assert feats.logits.shape == (3, 10)
+    assert feats.embedding.shape == (3, embed)
+    assert [tuple(t.shape[1:]) for t in feats.stages] == stages
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+def test_deit_demo_parameter_count_by_hand():
+    """ViT: patch embed + cls + pos + depth x (LN, qkv, proj, LN, MLP) + final LN + head."""
+    d, depth, tokens, classes, hidden = 96, 4, 65, 10, 384
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * hidden + hidden) + (hidden * d + d)
+    expected = (3 * 16 * d + d) + d + tokens * d + depth * block + 2 * d + (d * classes + classes)
+    assert sum(p.numel() for p in timm.create_model("deit_demo_32").parameters()) == expected
