@@ -30,10 +30,11 @@ CIFAR100_DIRNAME = "cifar-100-python"
 class ArrayImageDataset(Dataset):
     """Images held in memory as a uint8 array (N,H,W) or (N,H,W,3), served as RGB PIL images."""
 
-    def __init__(self, images, labels, num_classes, mean, std, transform=None):
+    def __init__(self, images, labels, num_classes, mean, std, source):
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
         self.num_classes, self.mean, self.std = num_classes, mean, std
-        self.transform = transform
+        self.source = source  # where it was read from, for the start-up report
+        self.transform = None
 
     def __len__(self):
         return len(self.labels)
@@ -59,7 +60,7 @@ def read_cifar100(root, split):
     with open(os.path.join(folder, "train" if split == "train" else "test"), "rb") as f:
         entry = pickle.load(f, encoding="latin1")
     images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return ArrayImageDataset(images, entry["fine_labels"], 100, CIFAR100_MEAN, CIFAR100_STD)
+    return ArrayImageDataset(images, entry["fine_labels"], 100, CIFAR100_MEAN, CIFAR100_STD, folder)
 
 
 def download_cifar100(root):
@@ -121,7 +122,7 @@ def read_fashion_mnist(root, split):
     labels = read_idx_gz(os.path.join(folder, labels_file))
     if len(images) != len(labels):
         raise UserError(f"Fashion-MNIST in {folder!r}: {len(images)} images but {len(labels)} labels")
-    return ArrayImageDataset(images, labels, 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    return ArrayImageDataset(images, labels, 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD, folder)
 
 
 def make_synthetic(split, num_samples, num_classes, image_size=32, seed=0):
@@ -134,7 +135,7 @@ def make_synthetic(split, num_samples, num_classes, image_size=32, seed=0):
     sample_rng.shuffle(labels)
     noise = sample_rng.normal(0, 40, size=(num_samples, image_size, image_size, 3))
     images = np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8)
-    return ArrayImageDataset(images, labels, num_classes, (0.5,) * 3, (0.25,) * 3)
+    return ArrayImageDataset(images, labels, num_classes, (0.5,) * 3, (0.25,) * 3, "(generated)")
 
 
 def read_image_folder(root, split):
@@ -142,6 +143,7 @@ def read_image_folder(root, split):
     dataset = ImageFolder(folder)
     dataset.num_classes = len(dataset.classes)
     dataset.mean, dataset.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    dataset.source = root
     return dataset
 
 

