@@ -35,9 +35,8 @@ def build_parser():
     return p
 
 
-def _fill_from_checkpoint(args):
+def _fill_from_checkpoint(args, checkpoint):
     """Model name, class count and input size recorded in our training checkpoints, unless given."""
-    checkpoint = read_checkpoint(args.checkpoint)
     recorded = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
     args.model = args.model or recorded.get("model", "")
     if not args.model:
@@ -52,12 +51,13 @@ def _fill_from_checkpoint(args):
 @exit_cleanly_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    _fill_from_checkpoint(args)
+    checkpoint = read_checkpoint(args.checkpoint)
+    _fill_from_checkpoint(args, checkpoint)
     kind = args.dataset or infer_dataset_kind(args.data_dir)
     dataset = build_dataset(kind, args.data_dir, "val", args)
     num_classes = args.num_classes or dataset.num_classes
     model = create_model(args.model, num_classes=num_classes, img_size=args.img_size)
-    load_weights(model, args.checkpoint, args.model, use_ema=args.use_ema)
+    load_weights(model, args.checkpoint, args.model, use_ema=args.use_ema, checkpoint=checkpoint)
     env = DistEnv(device=torch.device(args.device))
     model.to(env.device).eval()
     data_config = resolve_data_settings(args, model, dataset)

@@ -6,6 +6,9 @@ import random
 import numpy as np
 import torch
 
+from .errors import UserError
+from .models import read_checkpoint
+
 CHECKPOINT_VERSION = 1
 
 
@@ -79,8 +82,6 @@ def restore_training_state(ckpt, *, student, distiller, optimizer, scheduler, sc
 
 def read_training_checkpoint(path):
     """A checkpoint written by `training_state`, checked before anything is built from it."""
-    from .errors import UserError
-    from .models import read_checkpoint
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or "optimizer" not in ckpt:
         raise UserError(f"--resume {path!r} is not a training checkpoint of this repo (last.pth.tar); to start "

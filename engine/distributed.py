@@ -41,28 +41,33 @@ def init_distributed(device_arg, local_rank_arg=None):
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
+def world_size():
+    """Processes in the default group (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gather_with_grad(x):
     """Concatenate `x` from every process along dim 0; gradients flow back to each process's part.
 
     Every process computes the same global-batch loss, so the backward sums the identical per-process
     gradients (reduce-scatter) and DDP's averaging then yields exactly the single-process gradient.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
 def gather_no_grad(x):
     """Concatenate a tensor that needs no gradient (e.g. teacher features) from every process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
 
 
 def all_reduce_sum(tensor):
     """Sum a tensor over processes (in place when distributed) and return it."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor

@@ -1,4 +1,7 @@
 """Transforms (timm's factory), samplers and data loaders for training and evaluation."""
+import random
+
+import numpy as np
 import torch
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
@@ -72,9 +75,6 @@ def build_mixup(args, num_classes):
 
 
 def seed_everything(seed, rank):
-    import random
-
-    import numpy as np
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
     random.seed(seed + rank)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import accuracy, dispatch_clip_grad
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, world_size
 from .errors import UserError
 
 
@@ -45,18 +45,13 @@ class LossTracker:
         if self._pending:
             names = sorted(self._pending)
             stacked = torch.stack([self._pending[n].float() for n in names])
-            stacked = (all_reduce_sum(stacked) / _world_size()).tolist()
+            stacked = (all_reduce_sum(stacked) / world_size()).tolist()
             for name, value in zip(names, stacked):
                 self.sums[name] += value
             self.count += self._pending_count
             self._pending, self._pending_count = {}, 0
         ordered = sorted(self.sums, key=lambda name: (name != "loss", name))
         return {name: self.sums[name] / max(self.count, 1) for name in ordered}
-
-
-def _world_size():
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def train_step(model, teacher, optimizer, images, targets, *, autocast, scaler=None, clip_grad=None,

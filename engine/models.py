@@ -16,13 +16,20 @@ def create_model(name, num_classes, img_size=None, **kwargs):
         raise UserError(f"unknown model {name!r}; timm names such as {', '.join(close) or 'resnet18'} "
                         f"(python -c \"import timm; print(timm.list_models('*vit*'))\" lists them)")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if img_size:
-        try:
-            return timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
-        except TypeError as exc:
-            if "img_size" not in str(exc):
-                raise
-    return timm.create_model(name, num_classes=num_classes, **kwargs)
+    try:
+        if img_size:
+            try:
+                return timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+            except TypeError as exc:
+                if "img_size" not in str(exc):
+                    raise
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not kwargs.get("pretrained"):
+            raise
+        raise UserError(f"could not load timm's pretrained weights for {name!r} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160]}); they download from the internet: drop --pretrained "
+                        f"or start from a local file with --initial-checkpoint") from None
 
 
 def count_parameters(module, trainable_only=False):
@@ -71,9 +78,9 @@ def _classifier_weight_name(model):
     return None
 
 
-def load_weights(model, path, model_name, use_ema=False, role="model"):
-    """Strictly load `path` into `model`, with errors that name the mismatch and the fix."""
-    state = extract_state_dict(read_checkpoint(path), path, use_ema)
+def load_weights(model, path, model_name, use_ema=False, role="model", checkpoint=None):
+    """Strictly load `path` (or its already-read `checkpoint`) into `model`; errors name the mismatch and fix."""
+    state = extract_state_dict(read_checkpoint(path) if checkpoint is None else checkpoint, path, use_ema)
     own = model.state_dict()
     head = _classifier_weight_name(model)
     if head in state and head in own and state[head].shape[0] != own[head].shape[0]:

@@ -4,16 +4,17 @@
     python tools/benchmark.py --student resnet18 --teacher swin_tiny_patch4_window7_224 --img-size 224 \
         --batch-size 32 --distillers kd rsd --steps 10 --teacher-precision bf16 --json bench.json
 
-Each configuration runs the trainer's own `train_step` on a fixed random batch: `--warmup` untimed steps,
-then `--steps` timed ones. Reports s/step, img/s, the ratio to vanilla, peak memory (RSS on CPU, max
-allocated on GPU), student and extra parameters. Teachers are randomly initialised: speed does not depend
-on their weights.
+Each configuration runs the trainer's own `train_step` on a fixed random batch: `--warmup` untimed steps
+alone, then `--steps` timed steps interleaved with the other configurations. Reports the median s/step,
+img/s, the ratio to vanilla, peak memory (process RSS on CPU, max allocated on GPU), student and extra
+parameters. Teachers are randomly initialised: speed does not depend on their weights.
 """
 import argparse
 import contextlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -45,7 +46,8 @@ def build_parser():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--teacher-precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--teacher-grad-mode", default="inference_mode", choices=sorted(GRAD_CONTEXTS),
-                   help="how the teacher forward disables autograd (to measure that lever)")
+                   help="the teacher forward's autograd mode, to measure that lever; 'grad' also leaves the "
+                        "teacher's parameters trainable, as an unfrozen teacher would be")
     p.add_argument("--amp", action="store_true", help="mixed precision for the student step")
     p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     p.add_argument("--channels-last", action="store_true")
@@ -95,41 +97,80 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure(name, opts, teacher_model, train_args, device, memory):
-    torch.manual_seed(0)
-    train_args.distiller = name
-    student = create_model(opts.student, num_classes=opts.num_classes, img_size=opts.img_size)
-    distiller = build_distiller(name, student, teacher_model, train_args, torch.nn.CrossEntropyLoss())
-    if opts.channels_last:
-        distiller.to(memory_format=torch.channels_last)
-    distiller.to(device).train()
-    teacher = None
-    if distiller.teacher_request is not None:
-        teacher = FrozenTeacher(teacher_model, distiller.teacher_request, device, opts.teacher_precision,
-                                compile=opts.compile, grad_context=GRAD_CONTEXTS[opts.teacher_grad_mode])
-    if opts.compile:
-        distiller.compile()
-    optimizer = create_optimizer_v2(distiller, opt="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    autocast = autocast_context(opts, device)
-    images = torch.randn(opts.batch_size, 3, opts.img_size, opts.img_size, device=device)
-    if opts.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    targets = torch.randint(0, opts.num_classes, (opts.batch_size,), device=device)
+class Configuration:
+    """One distiller's student, extra modules, frozen teacher, optimizer and a fixed batch, ready to step."""
 
-    memory.reset()
-    for _ in range(opts.warmup):
-        train_step(distiller, teacher, optimizer, images, targets, autocast=autocast)
-    _synchronize(device)
-    start = time.perf_counter()
+    def __init__(self, name, opts, teacher_model, train_args, device):
+        torch.manual_seed(0)
+        train_args.distiller = name
+        self.name, self.device = name, device
+        self.student = create_model(opts.student, num_classes=opts.num_classes, img_size=opts.img_size)
+        self.distiller = build_distiller(name, self.student, teacher_model, train_args, torch.nn.CrossEntropyLoss())
+        if opts.channels_last:
+            self.distiller.to(memory_format=torch.channels_last)
+        self.distiller.to(device).train()
+        self.teacher = None
+        if self.distiller.teacher_request is not None:
+            self.teacher = FrozenTeacher(teacher_model, self.distiller.teacher_request, device, opts.teacher_precision,
+                                         compile=opts.compile, grad_context=GRAD_CONTEXTS[opts.teacher_grad_mode])
+            if opts.teacher_grad_mode == "grad":
+                self.teacher.model.requires_grad_(True)
+        if opts.compile:
+            self.distiller.compile()
+        self.optimizer = create_optimizer_v2(self.distiller, opt="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        self.autocast = autocast_context(opts, device)
+        self.images = torch.randn(opts.batch_size, 3, opts.img_size, opts.img_size, device=device)
+        if opts.channels_last:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.targets = torch.randint(0, opts.num_classes, (opts.batch_size,), device=device)
+        self.step_seconds, self.peak_memory_mb = [], None
+
+    def step(self):
+        loss, _ = train_step(self.distiller, self.teacher, self.optimizer, self.images, self.targets,
+                             autocast=self.autocast)
+        return loss
+
+    def timed_step(self):
+        _synchronize(self.device)
+        start = time.perf_counter()
+        loss = self.step()
+        _synchronize(self.device)
+        self.step_seconds.append(time.perf_counter() - start)
+        return loss
+
+    def result(self, batch_size):
+        seconds = statistics.median(self.step_seconds)
+        return {"distiller": self.name, "s_per_step": seconds, "img_per_s": batch_size / seconds,
+                "peak_memory_mb": self.peak_memory_mb, "student_params": count_parameters(self.student),
+                "extra_params": self.distiller.extra_parameter_count(), "step_seconds": self.step_seconds}
+
+
+def run_benchmark(opts, device):
+    """Warm up each configuration alone (its peak memory is read then), then time them interleaved, one
+    step each per round, so that drift in the machine's speed hits every configuration alike."""
+    train_args = build_train_parser(DISTILLERS).parse_args([])  # every distiller flag at its default
+    teacher_model = create_model(opts.teacher, num_classes=opts.num_classes, img_size=opts.img_size)
+    if opts.channels_last:
+        teacher_model.to(memory_format=torch.channels_last)
+    memory = PeakMemory(device)
+    configs = []
+    for name in ["vanilla", *opts.distillers]:
+        config = Configuration(name, opts, teacher_model, train_args, device)
+        memory.reset()
+        for _ in range(opts.warmup):
+            config.step()
+        _synchronize(device)
+        config.peak_memory_mb = memory.read_mb()
+        configs.append(config)
     for _ in range(opts.steps):
-        loss, _ = train_step(distiller, teacher, optimizer, images, targets, autocast=autocast)
-    _synchronize(device)
-    seconds = (time.perf_counter() - start) / opts.steps
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"{name}: loss is {loss.item()}")
-    return {"distiller": name, "s_per_step": seconds, "img_per_s": opts.batch_size / seconds,
-            "peak_memory_mb": memory.read_mb(), "student_params": count_parameters(student),
-            "extra_params": distiller.extra_parameter_count()}
+        for config in configs:
+            loss = config.timed_step()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{config.name}: loss is {loss.item()}")
+    results = [config.result(opts.batch_size) for config in configs]
+    for row in results:
+        row["x_vanilla"] = row["s_per_step"] / results[0]["s_per_step"]
+    return results
 
 
 def main(argv=None):
@@ -137,21 +178,13 @@ def main(argv=None):
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
-    train_args = build_train_parser(DISTILLERS).parse_args([])  # every distiller flag at its default
-    teacher_model = create_model(opts.teacher, num_classes=opts.num_classes, img_size=opts.img_size)
-    if opts.channels_last:
-        teacher_model.to(memory_format=torch.channels_last)
-    memory = PeakMemory(device)
-    results = [measure(name, opts, teacher_model, train_args, device, memory)
-               for name in ["vanilla", *opts.distillers]]
-    for row in results:
-        row["x_vanilla"] = row["s_per_step"] / results[0]["s_per_step"]
+    results = run_benchmark(opts, device)
 
     device_name = device_description(device)
     header = (f"{opts.student} <- {opts.teacher}, {opts.img_size} px, batch {opts.batch_size}, {device.type} "
               f"({device_name}, {torch.get_num_threads()} threads), teacher {opts.teacher_precision}, "
               f"amp {opts.amp_dtype if opts.amp else 'off'}, channels_last {opts.channels_last}, "
-              f"compile {opts.compile}, {opts.steps} steps after {opts.warmup} warm-up")
+              f"compile {opts.compile}, median of {opts.steps} interleaved steps after {opts.warmup} warm-up")
     print(header)
     print(f"{'distiller':<10} {'s/step':>8} {'img/s':>8} {'x vanilla':>10} {'peak MB':>9} {'student':>12} {'extra':>11}")
     for r in results:
