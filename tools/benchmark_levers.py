@@ -3,16 +3,16 @@
 
     python tools/benchmark_levers.py --out bench/ [--skip-compile] [benchmark.py options, e.g. --device cuda]
 
-Every row is one benchmark run (vanilla, KD and RSD interleaved); ratios are taken within the run.
+Every row is one benchmark run (vanilla, KD and RSD interleaved) in a process of its own, so that peak
+memory is not inflated by an earlier row (freed memory stays in the process); ratios are taken within a run.
 """
 import argparse
 import json
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tools.benchmark import main as benchmark  # noqa: E402
+BENCHMARK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark.py")
 
 LEVERS = [
     ("teacher fp32 (default)", []),
@@ -34,9 +34,11 @@ def main():
     for index, (label, flags) in enumerate(LEVERS):
         if opts.skip_compile and "--compile" in flags:
             continue
-        results = {r["distiller"]: r for r in benchmark(
-            [*passthrough, *flags, "--distillers", "kd", "rsd", "--json", os.path.join(opts.out, f"lever{index}.json")])}
-        rows.append((label, results))
+        out = os.path.join(opts.out, f"lever{index}.json")
+        subprocess.run([sys.executable, BENCHMARK, *passthrough, *flags, "--distillers", "kd", "rsd", "--json", out],
+                       check=True)
+        with open(out) as f:
+            rows.append((label, {r["distiller"]: r for r in json.load(f)["results"]}))
     print("\n| lever | vanilla s/step | KD s/step | RSD s/step | RSD / KD | RSD / vanilla | RSD peak memory MB |")
     print("|---|---|---|---|---|---|---|")
     for label, r in rows:
