@@ -90,6 +90,8 @@ def setup_run(args):
         raise UserError(f"--distiller {args.distiller} needs a teacher: pass --teacher NAME --teacher-pretrained "
                         f"PATH, or use --distiller vanilla")
     autocast = autocast_context(args, env.device)
+    if args.sync_bn and env.device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernels); drop it on CPU")
 
     dataset_kind, train_set, val_set = load_datasets(args)
     if args.num_classes is not None and args.num_classes < train_set.num_classes:
@@ -120,8 +122,6 @@ def setup_run(args):
     if args.channels_last:
         student.to(memory_format=torch.channels_last)
     if args.sync_bn and env.distributed:
-        if env.device.type != "cuda":
-            raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernels); drop it on CPU")
         distiller.student = student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
     distiller.to(env.device)
     teacher = None

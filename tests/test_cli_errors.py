@@ -116,3 +116,7 @@ def test_relative_output_folder_and_outputs(tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in files)
     assert not any(f.endswith(".tmp") for f in files)
     assert len((tmp_path / "runs" / "rel" / "summary.csv").read_text().splitlines()) == 3  # header + 2 epochs
+
+
+def test_sync_bn_on_cpu(tmp_path):
+    assert_clean_failure(train(tmp_path, "--sync-bn"), "--sync-bn needs CUDA", tmp_path / "runs")
