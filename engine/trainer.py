@@ -112,13 +112,6 @@ def setup_run(args):
                                 _ground_truth_criterion(args, mixup))
     checkpoint = read_training_checkpoint(args.resume) if args.resume else None
 
-    folder = _run_folder(args, env)
-    if env.is_main:
-        os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(folder)
-        save_args_yaml(args, os.path.join(folder, "args.yaml"))
-    log = _make_logger(folder, env.is_main)
-
     if args.channels_last:
         student.to(memory_format=torch.channels_last)
     if args.sync_bn and env.distributed:
@@ -131,7 +124,11 @@ def setup_run(args):
         if args.channels_last:
             teacher.model.to(memory_format=torch.channels_last)
 
-    optimizer = create_optimizer_v2(distiller, **optimizer_kwargs(args))
+    try:
+        optimizer = create_optimizer_v2(distiller, **optimizer_kwargs(args))
+    except ValueError as exc:  # e.g. timm's 'sgd' is Nesterov, which refuses --momentum 0
+        raise UserError(f"optimizer settings rejected ({exc}); check --opt {args.opt} with --momentum/--lr/"
+                        f"--weight-decay (for SGD without momentum use --opt momentum --momentum 0)") from None
     scaler = torch.amp.GradScaler("cuda") if args.amp and args.amp_dtype == "float16" else None
     scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=len(train_loader))
     emas = [ModelEmaV3(student, decay=decay) for decay in args.model_ema_decay] if args.model_ema else []
@@ -141,6 +138,12 @@ def setup_run(args):
     if env.distributed:
         model = DistributedDataParallel(distiller, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
+    folder = _run_folder(args, env)  # created only now that every input has been checked
+    if env.is_main:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
+        save_args_yaml(args, os.path.join(folder, "args.yaml"))
+    log = _make_logger(folder, env.is_main)
     run = SimpleNamespace(
         args=args, env=env, log=log, folder=folder, student=student, distiller=distiller, model=model,
         teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler, emas=emas, mixup=mixup,

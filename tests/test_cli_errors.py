@@ -120,3 +120,8 @@ def test_relative_output_folder_and_outputs(tmp_path):
 
 def test_sync_bn_on_cpu(tmp_path):
     assert_clean_failure(train(tmp_path, "--sync-bn"), "--sync-bn needs CUDA", tmp_path / "runs")
+
+
+def test_optimizer_settings_rejected(tmp_path):
+    result = train(tmp_path, "--opt", "sgd", "--momentum", "0")
+    assert_clean_failure(result, "optimizer settings rejected", tmp_path / "runs")
