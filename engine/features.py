@@ -22,8 +22,8 @@ class Features:
 
     def detached_float(self):
         """A normal fp32 copy (usable by autograd even when made under inference_mode)."""
-        def convert(t):
-            return None if t is None else t.float().clone()
+        def convert(t):  # one copy whatever the dtype; made outside inference_mode, so a normal tensor
+            return None if t is None else t.to(torch.float32, copy=True)
         return Features(convert(self.logits), convert(self.embedding), [convert(t) for t in self.stages])
 
 
