@@ -54,7 +54,7 @@ def training_state(*, epoch, global_step, args, student, distiller, optimizer, s
     """Everything `--resume` needs. 'state_dict'/'state_dict_ema' follow timm's naming."""
     return {
         "version": CHECKPOINT_VERSION, "epoch": epoch, "global_step": global_step,
-        "arch": args.model, "num_classes": args.num_classes, "args": vars(args),
+        "arch": args.model, "args": vars(args),  # "arch" as in timm's own checkpoints
         "state_dict": student.state_dict(),
         "state_dict_ema": emas[0].module.state_dict() if emas else None,
         "ema_states": [ema.state_dict() for ema in emas],
