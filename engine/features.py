@@ -1,35 +1,62 @@
-"""One forward pass that yields what a distiller asked for: logits, pooled embedding, stage features."""
+"""One forward pass that yields what a distiller asked for: logits, pooled embedding, paper-stage features."""
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from custom_forward import feature_adapter_for
+from custom_forward import stage_features
+
+from .errors import UserError
+
+PAPER_STAGES = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
 class FeatureRequest:
-    stages: Tuple[int, ...] = ()   # indices passed to forward_intermediates
+    """What one consumer needs from a model; merge the requests of several so the model runs once."""
+    stages: Tuple[int, ...] = ()   # paper stages 1-4 (kept sorted and unique)
     embedding: bool = False        # the pooled pre-logits vector
     logits: bool = True
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in PAPER_STAGES]
+        if bad:
+            raise UserError(f"paper stages are 1-4, got {bad}")
+        object.__setattr__(self, "stages", tuple(sorted(set(self.stages))))
+
+    def merge(self, other):
+        return FeatureRequest(self.stages + other.stages, self.embedding or other.embedding,
+                              self.logits or other.logits)
 
 
 @dataclass
 class Features:
     logits: Optional[torch.Tensor] = None
     embedding: Optional[torch.Tensor] = None
-    stages: List[torch.Tensor] = field(default_factory=list)
+    stages: Dict[int, torch.Tensor] = field(default_factory=dict)   # paper stage -> NCHW or NLC tensor
 
     def detached_float(self):
         """A normal fp32 copy (usable by autograd even when made under inference_mode)."""
         def convert(t):  # one copy whatever the dtype; made outside inference_mode, so a normal tensor
             return None if t is None else t.to(torch.float32, copy=True)
-        return Features(convert(self.logits), convert(self.embedding), [convert(t) for t in self.stages])
+        return Features(convert(self.logits), convert(self.embedding),
+                        {s: convert(t) for s, t in self.stages.items()})
 
 
 def extract_features(model, x, request):
-    """Run `model` once on `x`; logits come from the classifier applied to the pre-logits embedding."""
-    final, stages = feature_adapter_for(model)(model, x, request.stages)
-    embedding = model.forward_head(final, pre_logits=True)
-    logits = model.get_classifier()(embedding) if request.logits else None
-    return Features(logits=logits, embedding=embedding if request.embedding else None, stages=stages)
+    """Run `model` once on `x` and hand out what `request` asks for.
+
+    Stages come from the stage table in custom_forward (layout by family: NCHW maps or NLC tokens); the
+    embedding is `forward_head(final, pre_logits=True)` and the logits the classifier applied to it, so they
+    equal model(x). Distilled DeiT has two classifiers: its logits come from forward_head(final).
+    """
+    if request.stages:
+        final, stages = stage_features(model, x, request.stages)
+    else:
+        final, stages = model.forward_features(x), {}
+    embedding = model.forward_head(final, pre_logits=True) if request.embedding or request.logits else None
+    logits = None
+    if request.logits:
+        classifier = model.get_classifier()
+        logits = model.forward_head(final) if isinstance(classifier, tuple) else classifier(embedding)
+    return Features(logits, embedding if request.embedding else None, stages)

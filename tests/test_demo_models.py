@@ -9,16 +9,16 @@ from engine.features import FeatureRequest, extract_features
 
 @pytest.mark.parametrize("name,params,embed,stages", [
     ("convnext_demo_32", 1_905_994, 256, [(32, 8, 8), (64, 4, 4), (128, 2, 2), (256, 1, 1)]),
-    ("deit_demo_32", 459_562, 96, [(96, 8, 8)] * 4),
+    ("deit_demo_32", 459_562, 96, [(65, 96)] * 4),  # NLC: 64 patch tokens and the class token
 ])
 def test_shapes(name, params, embed, stages):
     model = timm.create_model(name).eval()
     assert sum(p.numel() for p in model.parameters()) == params
     x = torch.randn(3, 3, 32, 32)
-    feats = extract_features(model, x, FeatureRequest(stages=(0, 1, 2, 3), embedding=True))
+    feats = extract_features(model, x, FeatureRequest(stages=(1, 2, 3, 4), embedding=True))
     assert feats.logits.shape == (3, 10)
     assert feats.embedding.shape == (3, embed)
-    assert [tuple(t.shape[1:]) for t in feats.stages] == stages
+    assert [tuple(feats.stages[s].shape[1:]) for s in (1, 2, 3, 4)] == stages
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)
 
 

@@ -3,6 +3,7 @@ import pytest
 import timm
 import torch
 
+from distillers.base import DistillerContext
 from distillers.rsd import RSD
 from engine.features import FeatureRequest, extract_features
 from engine.models import create_model, embedding_dim
@@ -16,12 +17,12 @@ def test_one_pass_features_match_forward(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=7, img_size=32).eval()
     x = torch.randn(2, 3, 32, 32)
-    feats = extract_features(model, x, FeatureRequest(stages=(0, 1), embedding=True))
+    feats = extract_features(model, x, FeatureRequest(stages=(1, 2), embedding=True))  # paper stages
     with torch.no_grad():
         expected = model(x)
     assert torch.allclose(feats.logits, expected, atol=1e-5)
     assert feats.embedding.shape == (2, embedding_dim(model))
-    assert len(feats.stages) == 2
+    assert sorted(feats.stages) == [1, 2]
 
 
 def swin_parameter_count(embed_dim, classes, heads=(2, 4, 8, 16), depths=(2, 2, 2, 2), window=7):
@@ -56,8 +57,9 @@ def test_rsd_extra_parameters_match_figure_3(student, teacher, gamma, expected):
     from types import SimpleNamespace
     args = SimpleNamespace(gt_loss_weight=1.0, rsd_loss_weight=0.1, rsd_kappa=0.01, rsd_gamma=gamma,
                            rsd_no_aad=False)
-    distiller = RSD(timm.create_model(student, num_classes=100), timm.create_model(teacher, num_classes=100),
-                    args, torch.nn.CrossEntropyLoss())
+    context = DistillerContext(args=args, gt_criterion=torch.nn.CrossEntropyLoss(), num_classes=100,
+                               teacher=timm.create_model(teacher, num_classes=100))
+    distiller = RSD(timm.create_model(student, num_classes=100), context)
     assert distiller.extra_parameter_count() == expected
 
 
