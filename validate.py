@@ -17,9 +17,10 @@ from engine.datasets import build_dataset, infer_dataset_kind
 from engine.distributed import DistEnv
 from engine.errors import UserError, exit_cleanly_on_user_error
 from engine.loader import build_eval_transform, resolve_data_settings
-from engine.loop import autocast_context, evaluate
+from engine.loop import evaluate
 from engine.models import count_parameters, create_model, load_weights, read_checkpoint
-from engine.train_args import add_data_arguments, default_device
+from engine.precision import AMP_DTYPES, autocast_context, default_device
+from engine.train_args import add_data_arguments
 
 
 def build_parser():
@@ -31,7 +32,7 @@ def build_parser():
     p.add_argument("--use-ema", action="store_true", help="score the EMA weights of a training checkpoint")
     p.add_argument("--device", default=default_device())
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--amp-dtype", default="bfloat16", choices=tuple(AMP_DTYPES))
     return p
 
 

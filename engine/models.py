@@ -1,5 +1,6 @@
 """Model creation through timm (custom_model/ registered first) and state-dict loading."""
 import os
+import sys
 
 import timm
 import torch
@@ -78,9 +79,29 @@ def _classifier_weight_name(model):
     return None
 
 
+def convert_layout(state, model):
+    """`state` in this timm's layout for `model`, through timm's `checkpoint_filter_fn` of the model's
+    architecture module (e.g. timm 0.6.x Swin: downsample at the end of a stage, `head.*`, mask buffers).
+
+    Returned unchanged when its keys already match, when the architecture has no filter, or when the
+    filtered keys still do not match (the caller then reports the mismatch of the file as it is).
+    """
+    own = model.state_dict()
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if set(state) == set(own) or filter_fn is None:
+        return state
+    try:
+        converted = filter_fn(dict(state), model)
+    except Exception:  # filters fail on foreign layouts in their own ways; load_weights reports the file as it is
+        return state
+    return converted if set(converted) == set(own) else state
+
+
 def load_weights(model, path, model_name, use_ema=False, role="model", checkpoint=None):
-    """Strictly load `path` (or its already-read `checkpoint`) into `model`; errors name the mismatch and fix."""
+    """Strictly load `path` (or its already-read `checkpoint`) into `model`, converting an older timm layout
+    of the same architecture first; errors name the mismatch and fix."""
     state = extract_state_dict(read_checkpoint(path) if checkpoint is None else checkpoint, path, use_ema)
+    state = convert_layout(state, model)
     own = model.state_dict()
     head = _classifier_weight_name(model)
     if head in state and head in own and state[head].shape[0] != own[head].shape[0]:

@@ -8,7 +8,7 @@ from engine.datasets import FASHION_MNIST_SYSTEM_DIR, read_fashion_mnist
 from engine.features import FeatureRequest
 from engine.loader import build_eval_transform, resolve_data_settings
 from engine.models import create_model, load_weights
-from engine.teacher import FrozenTeacher
+from engine.teacher import FrozenSource
 
 DEMO_TEACHER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pretrained", "convnext_demo_32_fmnist.pth")
 EMBEDDING = FeatureRequest(logits=False, embedding=True)
@@ -20,7 +20,7 @@ def per_dimension_pearson(a, b):
 
 
 def embeddings(model, images, precision):
-    return FrozenTeacher(model, EMBEDDING, torch.device("cpu"), precision)(images).embedding
+    return FrozenSource(model, EMBEDDING, torch.device("cpu"), precision)(images).embedding
 
 
 def fashion_mnist_batch(model, n, img_size=None):

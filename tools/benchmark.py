@@ -22,10 +22,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distillers import DISTILLERS, build_distiller  # noqa: E402
-from engine.loop import autocast_context, train_step  # noqa: E402
+from distillers import DISTILLERS, DistillerContext, build_distiller, get_distiller_class  # noqa: E402
+from engine.batch import Batch  # noqa: E402
+from engine.loop import train_step  # noqa: E402
 from engine.models import count_parameters, create_model  # noqa: E402
-from engine.teacher import FrozenTeacher  # noqa: E402
+from engine.precision import AMP_DTYPES, TEACHER_PRECISIONS, autocast_context, default_device  # noqa: E402
+from engine.precision import resolve_teacher_precision  # noqa: E402
+from engine.stages import probe_stages  # noqa: E402
+from engine.teacher import FrozenSource  # noqa: E402
 from engine.train_args import build_train_parser  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 
@@ -42,14 +46,14 @@ def build_parser():
     p.add_argument("--distillers", nargs="+", default=["kd", "rsd"], choices=sorted(set(DISTILLERS) - {"vanilla"}))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--teacher-precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--teacher-precision", default="auto", choices=TEACHER_PRECISIONS)
     p.add_argument("--teacher-grad-mode", default="inference_mode", choices=sorted(GRAD_CONTEXTS),
                    help="the teacher forward's autograd mode, to measure that lever; 'grad' also leaves the "
                         "teacher's parameters trainable, as an unfrozen teacher would be")
     p.add_argument("--amp", action="store_true", help="mixed precision for the student step")
-    p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    p.add_argument("--amp-dtype", default="bfloat16", choices=tuple(AMP_DTYPES))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the student step and the teacher")
     p.add_argument("--json", default="", help="also write the results here")
@@ -97,6 +101,22 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
+class TeacherUnderGradMode(FrozenSource):
+    """The frozen teacher run under another autograd mode, to measure what inference_mode saves; 'grad' also
+    makes its parameters trainable, so autograd records the forward as it would for an unfrozen teacher."""
+
+    def __init__(self, *args, grad_mode, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_context = GRAD_CONTEXTS[grad_mode]
+        if grad_mode == "grad":
+            self.model.requires_grad_(True)
+
+    def __call__(self, images):
+        with self.grad_context():
+            features = self.features(images)
+        return features.detached_float()
+
+
 class Configuration:
     """One distiller's student, extra modules, frozen teacher, optimizer and a fixed batch, ready to step."""
 
@@ -105,29 +125,37 @@ class Configuration:
         train_args.distiller = name
         self.name, self.device = name, device
         self.student = create_model(opts.student, num_classes=opts.num_classes, img_size=opts.img_size)
-        self.distiller = build_distiller(name, self.student, teacher_model, train_args, torch.nn.CrossEntropyLoss())
+        student_request, teacher_request = get_distiller_class(name).feature_requests(train_args)
+        size = (3, opts.img_size, opts.img_size)
+        context = DistillerContext(
+            args=train_args, gt_criterion=torch.nn.CrossEntropyLoss(), num_classes=opts.num_classes,
+            teacher=teacher_model, dataset_size=opts.batch_size, world_size=1,
+            student_stages=probe_stages(self.student, size, student_request.stages),
+            teacher_stages=probe_stages(teacher_model, size, teacher_request.stages) if teacher_request else {})
+        self.distiller = build_distiller(name, self.student, context)
         if opts.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
         self.distiller.to(device).train()
         self.teacher = None
         if self.distiller.teacher_request is not None:
-            self.teacher = FrozenTeacher(teacher_model, self.distiller.teacher_request, device, opts.teacher_precision,
-                                         compile=opts.compile, grad_context=GRAD_CONTEXTS[opts.teacher_grad_mode])
-            if opts.teacher_grad_mode == "grad":
-                self.teacher.model.requires_grad_(True)
+            source = FrozenSource if opts.teacher_grad_mode == "inference_mode" else TeacherUnderGradMode
+            kwargs = {} if source is FrozenSource else {"grad_mode": opts.teacher_grad_mode}
+            self.teacher = source(teacher_model, self.distiller.teacher_request, device, opts.teacher_precision,
+                                  compile=opts.compile, **kwargs)
         if opts.compile:
             self.distiller.compile()
         self.optimizer = create_optimizer_v2(self.distiller, opt="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4)
         self.autocast = autocast_context(opts, device)
-        self.images = torch.randn(opts.batch_size, 3, opts.img_size, opts.img_size, device=device)
+        images = torch.randn(opts.batch_size, *size, device=device)
         if opts.channels_last:
-            self.images = self.images.contiguous(memory_format=torch.channels_last)
-        self.targets = torch.randint(0, opts.num_classes, (opts.batch_size,), device=device)
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, opts.num_classes, (opts.batch_size,), device=device)
+        self.batch = Batch(images=images, targets=labels, labels=labels,
+                           index=torch.arange(opts.batch_size, device=device))
         self.step_seconds, self.peak_memory_mb = [], None
 
     def step(self):
-        loss, _ = train_step(self.distiller, self.teacher, self.optimizer, self.images, self.targets,
-                             autocast=self.autocast)
+        loss, _ = train_step(self.distiller, self.teacher, self.optimizer, self.batch, autocast=self.autocast)
         return loss
 
     def timed_step(self):
@@ -178,11 +206,12 @@ def main(argv=None):
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
+    opts.teacher_precision, reason = resolve_teacher_precision(opts.teacher_precision, device)
     results = run_benchmark(opts, device)
 
     device_name = device_description(device)
     header = (f"{opts.student} <- {opts.teacher}, {opts.img_size} px, batch {opts.batch_size}, {device.type} "
-              f"({device_name}, {torch.get_num_threads()} threads), teacher {opts.teacher_precision}, "
+              f"({device_name}, {torch.get_num_threads()} threads), teacher {opts.teacher_precision} ({reason}), "
               f"amp {opts.amp_dtype if opts.amp else 'off'}, channels_last {opts.channels_last}, "
               f"compile {opts.compile}, median of {opts.steps} interleaved steps after {opts.warmup} warm-up")
     print(header)

@@ -15,7 +15,7 @@ import sys
 BENCHMARK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark.py")
 
 LEVERS = [
-    ("teacher fp32 (default)", []),
+    ("teacher fp32", ["--teacher-precision", "fp32"]),
     ("teacher not frozen: autograd records it", ["--teacher-precision", "bf16", "--teacher-grad-mode", "grad"]),
     ("teacher bf16, no_grad", ["--teacher-precision", "bf16", "--teacher-grad-mode", "no_grad"]),
     ("teacher bf16, inference_mode", ["--teacher-precision", "bf16"]),
