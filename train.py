@@ -4,18 +4,26 @@
     python train.py DATA --config configs/cifar/cnn.yaml --model resnet18 \
         --teacher swin_tiny_patch4_window7_224 --teacher-pretrained CKPT --distiller rsd
     torchrun --nproc_per_node 8 train.py DATA ...      (or python -m torch.distributed.launch ...)
+    python train.py --resume output/train/<run>/last.pth.tar      (the run's own arguments come back)
 """
 from distillers import DISTILLERS
-from engine.config import parse_args_with_config
+from engine.checkpoint import read_training_checkpoint
+from engine.config import parse_args_with_config, resumed_arguments
 from engine.errors import exit_cleanly_on_user_error
+from engine.run import build_run
 from engine.train_args import build_train_parser
-from engine.trainer import setup_run, train
+from engine.trainer import train
 
 
 @exit_cleanly_on_user_error
 def main(argv=None):
-    args = parse_args_with_config(build_train_parser(DISTILLERS), argv)
-    train(setup_run(args))
+    parser = build_train_parser(DISTILLERS)
+    args = parse_args_with_config(parser, argv)
+    checkpoint = None
+    if args.resume:
+        checkpoint = read_training_checkpoint(args.resume)
+        args = resumed_arguments(parser, argv, checkpoint["args"])
+    train(build_run(args, checkpoint))
 
 
 if __name__ == "__main__":

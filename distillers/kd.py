@@ -17,8 +17,9 @@ def kd_loss(student_logits, teacher_logits, temperature):
 class KD(Distiller):
     teacher_request = FeatureRequest(logits=True)
 
-    def __init__(self, student, teacher_model, args, gt_criterion):
-        super().__init__(student, teacher_model, args, gt_criterion)
+    def __init__(self, student, context):
+        super().__init__(student, context)
+        args = context.args
         self.temperature, self.kd_loss_weight = args.kd_temperature, args.kd_loss_weight
 
     @classmethod
@@ -26,5 +27,5 @@ class KD(Distiller):
         g = parser.add_argument_group("KD")
         g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
 
-    def distill_losses(self, student_feats, teacher_feats, targets):
+    def distill_losses(self, student_feats, teacher_feats, batch):
         return {"kd": self.kd_loss_weight * kd_loss(student_feats.logits, teacher_feats.logits, self.temperature)}

@@ -11,7 +11,12 @@ def register_distiller(name):
     return decorator
 
 
-def build_distiller(name, student, teacher_model, args, gt_criterion):
+def get_distiller_class(name):
     if name not in DISTILLERS:
         raise UserError(f"unknown --distiller {name!r}; choose one of {', '.join(sorted(DISTILLERS))}")
-    return DISTILLERS[name](student, teacher_model, args, gt_criterion)
+    return DISTILLERS[name]
+
+
+def build_distiller(name, student, context):
+    """The distiller `name` around `student`, built with a `DistillerContext`."""
+    return get_distiller_class(name)(student, context)

@@ -66,10 +66,11 @@ class RSD(Distiller):
     student_request = FeatureRequest(embedding=True)
     teacher_request = FeatureRequest(logits=False, embedding=True)
 
-    def __init__(self, student, teacher_model, args, gt_criterion):
-        super().__init__(student, teacher_model, args, gt_criterion)
+    def __init__(self, student, context):
+        super().__init__(student, context)
+        args = context.args
         self.loss_weight, self.kappa = args.rsd_loss_weight, args.rsd_kappa
-        d_s, d_t = embedding_dim(student), embedding_dim(teacher_model)
+        d_s, d_t = embedding_dim(student), embedding_dim(context.teacher)
         if args.rsd_no_aad:
             if d_s != d_t:
                 raise UserError(f"--rsd-no-aad needs equal embedding widths, but the student has {d_s} and the "
@@ -86,7 +87,7 @@ class RSD(Distiller):
         g.add_argument("--rsd-gamma", type=float, default=2.0, help="gamma: AAD hidden width / student width")
         g.add_argument("--rsd-no-aad", action="store_true", help="ablation: no AAD (needs D_s == D_t)")
 
-    def distill_losses(self, student_feats, teacher_feats, targets):
+    def distill_losses(self, student_feats, teacher_feats, batch):
         # AAD runs on the gathered global batch, so its BatchNorm sees global statistics on any device.
         projected = self.aad(gather_with_grad(student_feats.embedding))
         teacher = gather_no_grad(teacher_feats.embedding)

@@ -1,25 +1,49 @@
-"""Complete, atomic, weights_only-loadable training checkpoints, and student-only exports."""
+"""Complete, atomic, weights_only-loadable training checkpoints, student-only exports, and the summary CSV."""
+import csv
 import glob
+import io
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .errors import UserError
 from .models import read_checkpoint
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: one RNG state per process, and the epoch history behind summary.csv
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+def fsync_folder(folder):
+    """Make renames inside `folder` durable (a rename is an update of the folder itself)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path, write):
+    """`write(file)` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_save(obj, path):
+    """torch.save `obj` to `path`; a reader sees the old file or the complete new one, never a partial one."""
+    _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def atomic_copy(src, dst):
+    with open(src, "rb") as source:
+        _write_atomically(dst, lambda f: shutil.copyfileobj(source, f))
 
 
 def remove_stale_temporaries(folder):
@@ -28,14 +52,25 @@ def remove_stale_temporaries(folder):
         os.remove(path)
 
 
+def write_summary_csv(history, path):
+    """summary.csv from the epoch rows stored in the checkpoint, so the two always agree (after a resume
+    too: no row is written twice, none is lost)."""
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    _write_atomically(path, lambda f: f.write(text.getvalue().encode()))
+
+
 def capture_rng_state():
-    """RNG states as tensors and plain lists, so torch.load(weights_only=True) can read them."""
+    """This process's RNG states as tensors and plain lists, so torch.load(weights_only=True) can read them."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
     state = {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
              "python": [version, list(internal), py_gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's own device
     return state
 
 
@@ -46,44 +81,63 @@ def restore_rng_state(state):
     version, internal, py_gauss = state["python"]
     random.setstate((version, tuple(internal), py_gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def training_state(*, epoch, global_step, args, student, distiller, optimizer, scheduler, scaler, emas,
-                   best_metric, best_epoch):
+def gather_rng_states(world_size):
+    """Every process's RNG states, in rank order (a collective: every rank must call it)."""
+    state = capture_rng_state()
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def training_state(run, epoch, rng_states):
     """Everything `--resume` needs. 'state_dict'/'state_dict_ema' follow timm's naming."""
     return {
-        "version": CHECKPOINT_VERSION, "epoch": epoch, "global_step": global_step,
-        "arch": args.model, "args": vars(args),  # "arch" as in timm's own checkpoints
-        "state_dict": student.state_dict(),
-        "state_dict_ema": emas[0].module.state_dict() if emas else None,
-        "ema_states": [ema.state_dict() for ema in emas],
-        "distiller_extra": distiller.extra_state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": capture_rng_state(),
-        "best_metric": best_metric, "best_epoch": best_epoch,
+        "version": CHECKPOINT_VERSION, "epoch": epoch, "global_step": run.progress.global_step,
+        "arch": run.args.model, "args": vars(run.args),  # "arch" as in timm's own checkpoints
+        "state_dict": run.student.state_dict(),
+        "state_dict_ema": run.emas[0].module.state_dict() if run.emas else None,
+        "ema_states": [ema.state_dict() for ema in run.emas],
+        "distiller_extra": run.distiller.extra_state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": rng_states,
+        "best_metric": run.progress.best_metric, "best_epoch": run.progress.best_epoch,
+        "history": run.progress.history,
     }
 
 
-def restore_training_state(ckpt, *, student, distiller, optimizer, scheduler, scaler, emas):
-    student.load_state_dict(ckpt["state_dict"])
-    distiller.load_extra_state_dict(ckpt["distiller_extra"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None and ckpt["scheduler"] is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt["scaler"] is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    for ema, state in zip(emas, ckpt["ema_states"]):
+def restore_training_state(ckpt, run):
+    """Load a checkpoint's states into the built run; returns whether this process's RNG state was restored
+    (it is not when the process count changed since the checkpoint was written)."""
+    run.student.load_state_dict(ckpt["state_dict"])
+    run.distiller.load_extra_state_dict(ckpt["distiller_extra"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.scaler is not None and ckpt["scaler"] is not None:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    for ema, state in zip(run.emas, ckpt["ema_states"]):
         ema.load_state_dict(state)
-    restore_rng_state(ckpt["rng"])
+    states = ckpt["rng"]
+    if len(states) != run.env.world_size:
+        return False
+    restore_rng_state(states[run.env.rank])
+    return True
 
 
 def read_training_checkpoint(path):
     """A checkpoint written by `training_state`, checked before anything is built from it."""
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or "optimizer" not in ckpt:
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "version" not in ckpt:
         raise UserError(f"--resume {path!r} is not a training checkpoint of this repo (last.pth.tar); to start "
                         f"from weights only, use --initial-checkpoint")
+    if ckpt["version"] != CHECKPOINT_VERSION:
+        raise UserError(f"--resume {path!r} was written by another version of this repo (checkpoint version "
+                        f"{ckpt['version']}, this code reads {CHECKPOINT_VERSION}); start from its weights with "
+                        f"--initial-checkpoint {path}")
     return ckpt

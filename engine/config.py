@@ -61,3 +61,40 @@ def save_args_yaml(args, path):
     resolved = {k: v for k, v in vars(args).items() if k != "config"}
     with open(path, "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
+
+
+# What a resumed run may change; everything else comes from the run's checkpoint and must agree if given.
+RESUME_MAY_CHANGE = ("epochs", "workers", "log_interval", "data_dir", "teacher_pretrained", "no_eval_teacher",
+                     "validation_batch_size")
+_PER_LAUNCH = ("resume", "config", "local_rank")
+
+
+def explicit_arguments(parser, argv=None):
+    """{dest: value} of what `argv` sets itself, on the command line or through its -c file; no defaults."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in defaults:
+            action.default = argparse.SUPPRESS
+        return vars(parse_args_with_config(parser, argv))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+
+
+def resumed_arguments(parser, argv, recorded):
+    """The arguments of a resumed run: the run's own (`recorded` in its checkpoint), with the launch-specific
+    ones and the few of RESUME_MAY_CHANGE taken from `argv`. Any other flag given again must agree."""
+    given = explicit_arguments(parser, argv)
+    conflicts = [name for name, value in given.items()
+                 if name not in RESUME_MAY_CHANGE + _PER_LAUNCH and name in recorded and recorded[name] != value]
+    if conflicts:
+        flags = ", ".join(f"--{name.replace('_', '-')} {given[name]!r} (the run has {recorded[name]!r})"
+                          for name in conflicts)
+        may_change = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_MAY_CHANGE)
+        raise UserError(f"--resume continues a run with its own arguments (its args.yaml), but {flags}; drop those "
+                        f"flags, or start a new run from its weights with --initial-checkpoint. On resume only "
+                        f"{may_change} may change")
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+    merged = {**defaults, **recorded}  # flags added since the checkpoint was written take their defaults
+    merged.update({name: value for name, value in given.items() if name in RESUME_MAY_CHANGE + _PER_LAUNCH})
+    return argparse.Namespace(**merged)

@@ -1,7 +1,8 @@
 """Datasets: CIFAR-100 (python format), ImageNet-style folders, Fashion-MNIST (idx .gz) and synthetic.
 
 Each returns `(PIL image, int label)` so every kind goes through the same timm transform pipeline,
-and carries `num_classes`, `mean` and `std`.
+and carries `num_classes`, `mean` and `std`. `IndexedDataset` adds each sample's dataset index, which the
+training loader hands to distillers (memory banks, caches keyed by sample).
 """
 import gzip
 import os
@@ -46,6 +47,20 @@ class ArrayImageDataset(Dataset):
         return img, int(self.labels[index])
 
 
+class IndexedDataset(Dataset):
+    """Yields `(image, label, index)`: a dataset's samples with their position in it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
 def _cifar100_dir(root):
     """The folder holding CIFAR-100's `train`/`test`/`meta` pickles: `root` itself or its cifar-100-python/."""
     for candidate in (os.path.join(root, CIFAR100_DIRNAME), root):
@@ -87,9 +102,10 @@ def read_idx_gz(path):
 
 
 def _fashion_mnist_dir(root):
+    """The folder holding the idx files: in `root` (or its FashionMNIST/raw) when a root is given, else the
+    Debian package's folder. A given root never falls back to another copy."""
     images_file = FASHION_MNIST_FILES["train"][0]
-    candidates = [root, os.path.join(root, "FashionMNIST", "raw")] if root else []
-    candidates.append(FASHION_MNIST_SYSTEM_DIR)
+    candidates = [root, os.path.join(root, "FashionMNIST", "raw")] if root else [FASHION_MNIST_SYSTEM_DIR]
     for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, images_file)):
             return candidate
@@ -97,7 +113,12 @@ def _fashion_mnist_dir(root):
 
 
 def find_or_fetch_fashion_mnist(root):
-    """Locate Fashion-MNIST's idx files: `root`, root/FashionMNIST/raw, the Debian package, then download."""
+    """Locate Fashion-MNIST's idx files: in `root` (or root/FashionMNIST/raw) when given, else the Debian
+    package; then try a download. A data path that does not exist is an error, never a silent fallback."""
+    if root and not os.path.isdir(root):
+        raise UserError(f"Fashion-MNIST data path {root!r} does not exist; pass the folder holding its idx .gz "
+                        f"files, or omit the data path to use the Debian package's copy in "
+                        f"{FASHION_MNIST_SYSTEM_DIR}")
     folder = _fashion_mnist_dir(root)
     if folder is not None:
         return folder
@@ -138,9 +159,19 @@ def make_synthetic(split, num_samples, num_classes, image_size=32, seed=0):
     return ArrayImageDataset(images, labels, num_classes, (0.5,) * 3, (0.25,) * 3, "(generated)")
 
 
+def load_image_file(path):
+    """ImageFolder's loader, with an unreadable image reported as a user error naming its path."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for truncated or corrupt files
+        raise UserError(f"cannot read image {path!r} ({type(exc).__name__}: {exc}); replace or delete that file "
+                        f"(ImageNet's train set holds a few such files: re-encode them as JPEG)") from None
+
+
 def read_image_folder(root, split):
     folder = os.path.join(root, split)
-    dataset = ImageFolder(folder)
+    dataset = ImageFolder(folder, loader=load_image_file)
     dataset.num_classes = len(dataset.classes)
     dataset.mean, dataset.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     dataset.source = root

@@ -10,6 +10,16 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
+def user_message(exc):
+    """The message of a UserError; one re-raised by a DataLoader worker carries the worker's traceback
+    text around it, so only the original message (its last 'UserError: ...' part) is kept."""
+    text = str(exc)
+    marker = f"{UserError.__name__}: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 def exit_cleanly_on_user_error(main):
     """Print a UserError as one `error:` line on stderr and exit with code 2 (no traceback)."""
 
@@ -18,7 +28,7 @@ def exit_cleanly_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {user_message(exc)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper

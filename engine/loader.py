@@ -1,13 +1,11 @@
 """Transforms (timm's factory), samplers and data loaders for training and evaluation."""
-import random
-
-import numpy as np
-import torch
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .datasets import build_dataset, infer_dataset_kind
+from .datasets import IndexedDataset, build_dataset, infer_dataset_kind
+from .errors import UserError
 
 
 def resolve_data_settings(args, model, dataset):
@@ -47,6 +45,7 @@ def _shard(n, rank, world_size):
 
 
 def build_loaders(args, env, train_set, val_set, data_config):
+    """The training loader yields (images, labels, dataset indices); the validation loader (images, labels)."""
     train_set.transform = build_train_transform(args, data_config)
     val_set.transform = build_eval_transform(data_config)
     if args.aug_repeats:
@@ -58,23 +57,36 @@ def build_loaders(args, env, train_set, val_set, data_config):
     # Workers are not persistent: each epoch's workers are seeded from the main RNG, which a resumed run
     # restores, so augmentations after --resume match an uninterrupted run.
     common = dict(num_workers=args.workers, pin_memory=env.device.type == "cuda")
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
+    train_loader = DataLoader(IndexedDataset(train_set), batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
                               **common)
     val_loader = DataLoader(val_set, batch_size=args.validation_batch_size or args.batch_size,
                             sampler=_shard(len(val_set), env.rank, env.world_size), **common)
     return train_loader, val_loader
 
 
+class MixupWithLabels(Mixup):
+    """timm's Mixup/CutMix (which also applies label smoothing), returning what distillers need as well.
+
+    `mixup(images, labels) -> (mixed images, soft targets, hard labels, lam)`: each image is mixed with its
+    mirror in the batch; its hard label is its dominant class (the argmax of its soft target, as the
+    reference code reduces mixed targets) and `lam` the weight of the image itself. The mixing is timm's
+    own; only the return value differs from `Mixup.__call__`.
+    """
+
+    def __call__(self, x, target):
+        lam = {"elem": self._mix_elem, "pair": self._mix_pair}.get(self.mode, self._mix_batch)(x)
+        soft = mixup_target(target, self.num_classes, lam, self.label_smoothing, self.multi_label)
+        return x, soft, soft.argmax(dim=1), lam
+
+
 def build_mixup(args, num_classes):
-    """timm Mixup/CutMix (None when neither is enabled); it also applies label smoothing."""
+    """Mixup/CutMix (None when neither is enabled); the per-process batch must be even (timm pairs each
+    image with its mirror in the batch)."""
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+    if args.batch_size % 2:
+        raise UserError(f"--mixup/--cutmix need an even per-process batch size (each image is mixed with its "
+                        f"mirror in the batch), got -b {args.batch_size}; use -b {args.batch_size + 1}")
+    return MixupWithLabels(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=args.smoothing, num_classes=num_classes)
-
-
-def seed_everything(seed, rank):
-    torch.manual_seed(seed + rank)
-    np.random.seed(seed + rank)
-    random.seed(seed + rank)

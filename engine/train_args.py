@@ -2,6 +2,7 @@
 import argparse
 
 from .datasets import DATASET_KINDS
+from .precision import AMP_DTYPES, TEACHER_PRECISIONS, default_device  # noqa: F401 (default_device re-exported)
 
 
 def add_data_arguments(p):
@@ -48,8 +49,15 @@ def build_train_parser(distiller_registry):
     g.add_argument("--teacher", default="", help="timm model name of the frozen teacher ('' = none)")
     g.add_argument("--teacher-pretrained", default="", help="teacher checkpoint (state dict or training file)")
     g.add_argument("--use-ema-teacher", action="store_true", help="take the EMA weights from the teacher file")
-    g.add_argument("--teacher-precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="teacher forward precision (autocast); bf16 is fast on CPUs with AMX and on GPUs")
+    g.add_argument("--teacher-precision", default="auto", choices=TEACHER_PRECISIONS,
+                   help="teacher forward precision (autocast); auto = bf16 where the device computes it natively "
+                        "(GPUs, CPUs with AMX or AVX512-BF16), else fp32")
+    g.add_argument("--teacher-mean", type=float, nargs=3, default=None, metavar="M",
+                   help="input mean the teacher was trained with (default: the student's)")
+    g.add_argument("--teacher-std", type=float, nargs=3, default=None, metavar="S",
+                   help="input std the teacher was trained with (default: the student's)")
+    g.add_argument("--teacher-img-size", type=int, default=None,
+                   help="teacher input size; batches are resized to it (default: the student's)")
     g.add_argument("--no-eval-teacher", action="store_true", help="skip scoring the teacher before training")
 
     g = p.add_argument_group("distillation")
@@ -84,6 +92,8 @@ def build_train_parser(distiller_registry):
     g.add_argument("--warmup-epochs", type=int, default=3)
     g.add_argument("--warmup-prefix", action="store_true")
     g.add_argument("--cooldown-epochs", type=int, default=0)
+    g.add_argument("--patience-epochs", type=int, default=10, help="--sched plateau: epochs without improvement "
+                   "of --eval-metric before the lr decays by --decay-rate")
 
     g = p.add_argument_group("augmentation and regularisation")
     g.add_argument("--no-aug", action="store_true", help="no training augmentation (resize and crop only)")
@@ -115,17 +125,16 @@ def build_train_parser(distiller_registry):
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", default=default_device())
     g.add_argument("--amp", action="store_true", help="mixed precision for the student step")
-    g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    g.add_argument("--amp-dtype", default="bfloat16", choices=tuple(AMP_DTYPES))
     g.add_argument("--compile", action="store_true", help="torch.compile the student step and the teacher")
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--output", default="output/train", help="parent folder of run folders")
     g.add_argument("--experiment", default="", help="run folder name (default: time-distiller-model-teacher)")
     g.add_argument("--resume", default="", help="continue the run of this last.pth.tar (in its own folder)")
-    g.add_argument("--eval-metric", default="top1")
+    g.add_argument("--eval-metric", default="top1", help="top1, top5 or loss (ema_top1 ... with --model-ema); "
+                   "picks best.pth.tar and drives --sched plateau")
+    g.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
+                   help="make BatchNorm statistics identical on every process before evaluating and saving: "
+                        "average them (reduce) or take rank 0's (broadcast); '' leaves them per process")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
-
-
-def default_device():
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -125,3 +125,38 @@ def test_sync_bn_on_cpu(tmp_path):
 def test_optimizer_settings_rejected(tmp_path):
     result = train(tmp_path, "--opt", "sgd", "--momentum", "0")
     assert_clean_failure(result, "optimizer settings rejected", tmp_path / "runs")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["-b", "0"], "--batch-size must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--mixup", "0.8", "-b", "15"], "--mixup/--cutmix need an even per-process batch size"),
+])
+def test_refused_settings(tmp_path, flags, message):
+    """Defects 8 and 13: these ended in a raw traceback (ZeroDivision/ValueError, or Mixup's assert mid-epoch)."""
+    assert_clean_failure(train(tmp_path, *flags), message, tmp_path / "runs")
+
+
+def test_corrupt_image_names_its_path(tmp_path):
+    """Defect 13: a corrupt file in an ImageNet-style folder gave a PIL traceback mid-epoch."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / "inet" / split / name).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / "inet" / split / name / f"{i}.png")
+    bad = tmp_path / "inet" / "train" / "b" / "2.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG header, then garbage
+    result = run_cli("train.py", tmp_path / "inet", "--img-size", "32", "--workers", "1", "-b", "8", "--epochs", "1",
+                     "--output", tmp_path / "runs", "--experiment", "bad")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot read image {str(bad)!r}" in result.stderr and "replace or delete that file" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not any(f.endswith((".pth", ".pth.tar", ".tmp")) for f in os.listdir(tmp_path / "runs" / "bad"))
+
+
+def test_missing_fashion_mnist_path_does_not_fall_back(tmp_path):
+    """Defect 10: a data path that does not exist silently used the system copy instead."""
+    result = run_cli("train.py", tmp_path / "nowhere", "--dataset", "fashion_mnist", "--output", tmp_path / "runs")
+    assert_clean_failure(result, f"Fashion-MNIST data path {str(tmp_path / 'nowhere')!r} does not exist",
+                         tmp_path / "runs")

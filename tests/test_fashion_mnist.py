@@ -65,6 +65,7 @@ def test_missing_data_names_both_ways_to_get_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "no_system_copy"))
     monkeypatch.setattr("torchvision.datasets.FashionMNIST.download", offline)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError) as info:
         read_fashion_mnist(str(tmp_path / "empty"), "train")
     message = str(info.value)

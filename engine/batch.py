@@ -1,0 +1,27 @@
+"""What a distiller receives each training step besides the features: one `Batch`."""
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One training step's data, after mixup/cutmix.
+
+    - `images`: the (mixed) input images, normalised for the student.
+    - `targets`: what the ground-truth criterion takes: class indices, or soft targets under mixup.
+    - `labels`: each image's hard class; under mixup/cutmix its dominant class (the argmax of its soft
+      target, as the reference code reduces soft targets).
+    - `index`: each image's index in the training dataset (memory banks, caches keyed by sample).
+    - `lam`: the mixup/cutmix weight of the image itself (1.0 without mixup; a (B, 1) tensor in timm's
+      per-element modes).
+    """
+    images: torch.Tensor
+    targets: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    lam: Union[float, torch.Tensor] = 1.0
+
+    def __len__(self):
+        return self.images.shape[0]

@@ -1,0 +1,288 @@
+"""A training run, assembled by small build steps from parsed arguments.
+
+`build_run(args, checkpoint)` checks every input and creates the run folder only once they are all good.
+Models are built from the same seed on every process (so the student, the distiller's extra modules and
+the EMAs start identical everywhere); only data order and augmentation use per-process seeds.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
+
+import torch
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, random_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from distillers import DistillerContext, build_distiller, get_distiller_class
+
+from .batchnorm import convert_sync_batchnorm
+from .checkpoint import remove_stale_temporaries, restore_training_state, write_summary_csv
+from .config import save_args_yaml
+from .distributed import DistEnv, init_distributed
+from .errors import UserError
+from .loader import build_loaders, build_mixup, load_datasets, resolve_data_settings
+from .models import count_parameters, create_model, load_weights
+from .optim import build_optimizer
+from .precision import autocast_context, resolve_teacher_precision
+from .stages import probe_stages
+from .teacher import FrozenSource, build_frozen_teacher, build_teacher_model
+
+EVAL_METRICS = ("top1", "top5", "loss")
+
+
+@dataclass
+class Data:
+    kind: str  # cifar100, imagenet, fashion_mnist, synthetic
+    source: str  # where it was read from
+    train_loader: DataLoader
+    val_loader: DataLoader
+    config: dict  # timm's data config of the student: input_size, mean, std, interpolation, crop_pct
+    train_size: int
+    val_size: int
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+    start_epoch: int = 0
+    global_step: int = 0
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+    history: List[dict] = field(default_factory=list)  # one summary row per finished epoch
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    env: DistEnv
+    data: Data
+    student: nn.Module
+    distiller: nn.Module  # the student plus the distiller's own modules (AAD, projectors)
+    model: nn.Module  # what the training step calls: the distiller, or its DDP wrapper
+    teacher: Optional[FrozenSource]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    emas: List[ModelEmaV3]
+    mixup: Optional[Callable]
+    autocast: Callable  # context factory for the student step
+    folder: str
+    log: logging.Logger
+    progress: Progress = field(default_factory=Progress)
+    writer: Any = None  # TensorBoard, rank 0 only
+    teacher_metrics: Optional[dict] = None
+
+
+def ema_prefixes(args):
+    if not args.model_ema:
+        return []
+    decays = args.model_ema_decay
+    return ["ema"] if len(decays) == 1 else [f"ema{decay:g}" for decay in decays]
+
+
+def check_arguments(args, env):
+    """Inputs that can be refused before anything is built."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (it is per process), got {args.batch_size}")
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.sync_bn and env.device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernels); drop it on CPU")
+    allowed = EVAL_METRICS + tuple(f"{p}_{m}" for p in ema_prefixes(args) for m in EVAL_METRICS)
+    if args.eval_metric not in allowed:
+        raise UserError(f"--eval-metric {args.eval_metric!r} is not one of {', '.join(allowed)}")
+    distiller_cls = get_distiller_class(args.distiller)
+    if distiller_cls.feature_requests(args)[1] is None:
+        args.teacher = ""  # vanilla training ignores a teacher given by a shared config
+    elif not args.teacher:
+        raise UserError(f"--distiller {args.distiller} needs a teacher: pass --teacher NAME --teacher-pretrained "
+                        f"PATH, or use --distiller vanilla")
+
+
+def ground_truth_criterion(args, mixup):
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=0.0 if mixup else args.smoothing, target_threshold=args.bce_target_thresh)
+    if mixup is not None:
+        return SoftTargetCrossEntropy()  # mixup already smooths the targets
+    if args.smoothing:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def input_size(args):
+    if args.img_size:
+        return args.img_size
+    return args.input_size[-1] if args.input_size else None
+
+
+def build_student(args):
+    student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args),
+                           pretrained=args.pretrained, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                           drop_block_rate=args.drop_block)
+    if args.initial_checkpoint:
+        load_weights(student, args.initial_checkpoint, args.model, role="initial")
+    return student
+
+
+def build_data(args, env, student, train_set, val_set, kind):
+    config = resolve_data_settings(args, student, train_set)
+    train_loader, val_loader = build_loaders(args, env, train_set, val_set, config)
+    if len(train_loader) == 0:
+        raise UserError(f"the training set has {len(train_set)} samples, fewer than one batch per process "
+                        f"(-b {args.batch_size} x {env.world_size}); lower --batch-size")
+    return Data(kind=kind, source=str(train_set.source), train_loader=train_loader, val_loader=val_loader,
+                config=config, train_size=len(train_set), val_size=len(val_set))
+
+
+def build_distiller_for(args, env, student, teacher_model, data, mixup):
+    """The distiller, built knowing the requested stages' shapes (a dry run at the real input sizes)."""
+    distiller_cls = get_distiller_class(args.distiller)
+    if mixup is not None and not distiller_cls.supports_mixup:
+        raise UserError(f"--distiller {args.distiller} does not support mixup/cutmix; set --mixup 0 --cutmix 0")
+    student_request, teacher_request = distiller_cls.feature_requests(args)
+    student_size = data.config["input_size"]
+    teacher_size = (3, args.teacher_img_size, args.teacher_img_size) if args.teacher_img_size else student_size
+    context = DistillerContext(
+        args=args, gt_criterion=ground_truth_criterion(args, mixup), num_classes=args.num_classes,
+        teacher=teacher_model, dataset_size=data.train_size, world_size=env.world_size,
+        student_stages=probe_stages(student, student_size, student_request.stages),
+        teacher_stages=probe_stages(teacher_model, teacher_size, teacher_request.stages) if teacher_request else {})
+    return build_distiller(args.distiller, student, context)
+
+
+def wrap_for_training(distiller, env):
+    """DDP around the distiller (student and extra modules), except for buffers the distiller syncs itself."""
+    if not env.distributed:
+        return distiller
+    ignored = distiller.self_synced_buffers()
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
+    return DistributedDataParallel(distiller, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+
+def run_folder(args):
+    """The folder of this run: the resumed checkpoint's, or a new one under --output (never reused)."""
+    if args.resume:
+        return os.path.dirname(os.path.abspath(args.resume))
+    name = args.experiment or "-".join(
+        [time.strftime("%Y%m%d-%H%M%S"), args.distiller, args.model] + ([args.teacher] if args.teacher else []))
+    folder = os.path.join(args.output, name)
+    if os.path.exists(os.path.join(folder, "last.pth.tar")):
+        raise UserError(f"run folder {folder!r} already holds a run; continue it with --resume "
+                        f"{folder}/last.pth.tar or choose another --experiment")
+    return folder
+
+
+def make_logger(folder, is_main):
+    log = logging.getLogger("train")
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(os.path.join(folder, "log.txt")))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    return log
+
+
+def build_run(args, checkpoint=None):
+    """Check every input and build the run; the run folder is created only once all inputs are good."""
+    env = init_distributed(args.device, args.local_rank)
+    random_seed(args.seed, 0)  # the same on every process while models are built
+    check_arguments(args, env)
+    autocast = autocast_context(args, env.device)
+    if args.teacher:
+        args.teacher_precision, precision_reason = resolve_teacher_precision(args.teacher_precision, env.device)
+
+    kind, train_set, val_set = load_datasets(args)
+    if args.num_classes is not None and args.num_classes < train_set.num_classes:
+        raise UserError(f"--num-classes {args.num_classes} is smaller than the {train_set.num_classes} classes "
+                        f"of the {kind} dataset; set --num-classes {train_set.num_classes}")
+    args.num_classes = args.num_classes or train_set.num_classes
+    args.dataset = kind
+
+    student = build_student(args)
+    teacher_model = build_teacher_model(args, args.num_classes, input_size(args))
+    data = build_data(args, env, student, train_set, val_set, kind)
+    mixup = build_mixup(args, args.num_classes)
+    distiller = build_distiller_for(args, env, student, teacher_model, data, mixup)
+
+    if args.channels_last:
+        student.to(memory_format=torch.channels_last)
+    if args.sync_bn and env.distributed:
+        distiller.student = student = convert_sync_batchnorm(student)
+    distiller.to(env.device)
+    teacher = None
+    if teacher_model is not None:
+        teacher = build_frozen_teacher(args, teacher_model, distiller.teacher_request, env.device, data.config)
+
+    optimizer = build_optimizer(distiller, args)
+    scaler = torch.amp.GradScaler("cuda") if args.amp and args.amp_dtype == "float16" else None
+    scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                       updates_per_epoch=len(data.train_loader))
+    if args.compile:
+        distiller.compile()  # in place: parameter names and checkpoints stay the same
+    model = wrap_for_training(distiller, env)
+    emas = [ModelEmaV3(student, decay=decay) for decay in args.model_ema_decay] if args.model_ema else []
+    random_seed(args.seed, env.rank)  # from here on: per-process data order and augmentation
+
+    folder = run_folder(args)  # created only now that every input has been checked
+    if env.is_main:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
+        save_args_yaml(args, os.path.join(folder, "args.yaml"))
+    run = Run(args=args, env=env, data=data, student=student, distiller=distiller, model=model, teacher=teacher,
+              optimizer=optimizer, scheduler=scheduler, scaler=scaler, emas=emas, mixup=mixup, autocast=autocast,
+              folder=folder, log=make_logger(folder, env.is_main))
+    report_startup(run, precision_reason if args.teacher else "")
+    if checkpoint is not None:
+        resume(run, checkpoint)
+    if env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        run.writer = SummaryWriter(log_dir=folder)
+    return run
+
+
+def resume(run, checkpoint):
+    """Continue from a checkpoint; last of the build steps, so the RNG state restored is the one training
+    continues from."""
+    rng_restored = restore_training_state(checkpoint, run)
+    run.progress = Progress(start_epoch=checkpoint["epoch"] + 1, global_step=checkpoint["global_step"],
+                            best_metric=checkpoint["best_metric"], best_epoch=checkpoint["best_epoch"],
+                            history=checkpoint["history"])
+    if run.progress.start_epoch >= run.args.epochs:
+        raise UserError(f"the run in {run.folder!r} already finished its {run.args.epochs} epochs; pass a larger "
+                        f"--epochs with --resume to train it further")
+    if run.env.is_main:
+        write_summary_csv(run.progress.history, os.path.join(run.folder, "summary.csv"))
+    run.log.info(f"Resumed from {run.args.resume}: continuing at epoch {run.progress.start_epoch}")
+    if not rng_restored:
+        run.log.warning(f"the checkpoint was written by {len(checkpoint['rng'])} process(es), this run has "
+                        f"{run.env.world_size}: data order and augmentation restart from fresh seeds, so the "
+                        f"result will not match an uninterrupted run exactly")
+
+
+def report_startup(run, precision_reason):
+    args, env, data = run.args, run.env, run.data
+    n_student = count_parameters(run.student)
+    n_extra = run.distiller.extra_parameter_count()
+    run.log.info(f"Run folder: {run.folder}  ({env.world_size} process(es) on {env.device.type}, "
+                 f"global batch {args.batch_size * env.world_size})")
+    run.log.info(f"Data: {data.kind} from {data.source}: {data.train_size} train / {data.val_size} val, "
+                 f"{args.num_classes} classes, input {tuple(data.config['input_size'])}")
+    run.log.info(f"Student {args.model}: {n_student:,} parameters")
+    if run.teacher is not None:
+        run.log.info(f"Teacher {args.teacher}: {count_parameters(run.teacher.model):,} parameters (frozen, "
+                     f"{args.teacher_precision}: {precision_reason}) from {args.teacher_pretrained}")
+    run.log.info(f"Distiller {args.distiller}: {n_extra:,} extra trainable parameters "
+                 f"({n_extra / n_student:.3f}x the student)")
