@@ -9,6 +9,7 @@
 from distillers import DISTILLERS
 from engine.checkpoint import read_training_checkpoint
 from engine.config import parse_args_with_config, resumed_arguments
+from engine.distributed import shutdown_distributed
 from engine.errors import exit_cleanly_on_user_error
 from engine.run import build_run
 from engine.train_args import build_train_parser
@@ -24,6 +25,7 @@ def main(argv=None):
         checkpoint = read_training_checkpoint(args.resume)
         args = resumed_arguments(parser, argv, checkpoint["args"])
     train(build_run(args, checkpoint))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

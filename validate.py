@@ -43,7 +43,8 @@ def _fill_from_checkpoint(args, checkpoint):
     if not args.model:
         raise UserError(f"{args.checkpoint!r} does not record its architecture; pass --model NAME")
     if recorded.get("model") == args.model:
-        for key in ("num_classes", "img_size", "crop_pct", "interpolation", "mean", "std"):
+        for key in ("num_classes", "img_size", "crop_pct", "interpolation", "mean", "std", "synthetic_val_size",
+                    "synthetic_seed"):
             if getattr(args, key) in (None, "") and recorded.get(key) not in (None, ""):
                 setattr(args, key, recorded[key])
         args.dataset = args.dataset or recorded.get("dataset", "")

@@ -197,9 +197,9 @@ def infer_dataset_kind(root):
 
 def build_dataset(kind, root, split, args):
     """Return the `split` ('train' or 'val') dataset of `kind`, with no transform attached yet."""
-    if kind == "synthetic":
-        size = args.synthetic_train_size if split == "train" else args.synthetic_val_size
-        return make_synthetic(split, size, args.num_classes or 10, seed=args.synthetic_seed)
+    if kind == "synthetic":  # unset sizes and seed (None) take the defaults the flags' help names
+        size = (args.synthetic_train_size or 512) if split == "train" else (args.synthetic_val_size or 128)
+        return make_synthetic(split, size, args.num_classes or 10, seed=args.synthetic_seed or 0)
     if kind == "fashion_mnist":
         return read_fashion_mnist(root, split)
     if kind == "cifar100":

@@ -71,3 +71,11 @@ def all_reduce_sum(tensor):
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def shutdown_distributed():
+    """Leave the process group once every process is done (a process exiting while the group is alive
+    can abort in gloo's threads)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -33,8 +33,8 @@ def create_model(name, num_classes, img_size=None, **kwargs):
                         f"or start from a local file with --initial-checkpoint") from None
 
 
-def count_parameters(module, trainable_only=False):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 def embedding_dim(model):

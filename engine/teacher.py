@@ -2,7 +2,7 @@
 never in DDP, never checkpointed, each with its own precision, input normalisation and size."""
 import types
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F

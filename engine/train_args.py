@@ -12,9 +12,9 @@ def add_data_arguments(p):
     g.add_argument("--dataset", default="", choices=("",) + DATASET_KINDS,
                    help="dataset kind; inferred from the folder when omitted")
     g.add_argument("--dataset-download", action="store_true", help="download CIFAR-100 if missing")
-    g.add_argument("--synthetic-train-size", type=int, default=512)
-    g.add_argument("--synthetic-val-size", type=int, default=128)
-    g.add_argument("--synthetic-seed", type=int, default=0)
+    g.add_argument("--synthetic-train-size", type=int, default=None, help="--dataset synthetic: images (512)")
+    g.add_argument("--synthetic-val-size", type=int, default=None, help="--dataset synthetic: images (128)")
+    g.add_argument("--synthetic-seed", type=int, default=None, help="--dataset synthetic: generator seed (0)")
     g.add_argument("--img-size", type=int, default=None, help="input size (default: the student's)")
     g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
     g.add_argument("--crop-pct", type=float, default=None)

@@ -16,6 +16,22 @@ def run_cli(script, *args, env=None, timeout=600, cwd=REPO):
                           capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
+def _have_fashion_mnist():
+    from engine.datasets import FASHION_MNIST_SYSTEM_DIR
+    return os.path.isfile(os.path.join(FASHION_MNIST_SYSTEM_DIR, "train-images-idx3-ubyte.gz"))
+
+
+@pytest.fixture
+def fashion_mnist():
+    """For tests on the real Fashion-MNIST (Debian package dataset-fashion-mnist): skipped where it is not
+    installed, but a failure in CI (CI=true), where `bash test.sh` installs it, so it can never go untested."""
+    if not _have_fashion_mnist():
+        message = "needs Fashion-MNIST: apt-get install dataset-fashion-mnist (bash test.sh does it as root)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 SMALL_RUN = ["--dataset", "synthetic", "--img-size", "32", "--workers", "0", "-b", "16",
              "--synthetic-train-size", "64", "--synthetic-val-size", "32", "--log-interval", "1"]
 

@@ -3,7 +3,6 @@ averaged over processes before evaluation and saving (defect 15)."""
 import copy
 import os
 
-import pytest
 import timm
 import torch
 import torch.distributed as dist

@@ -7,10 +7,8 @@ import subprocess
 import pytest
 
 from conftest import REPO, run_cli
-from engine.datasets import FASHION_MNIST_SYSTEM_DIR
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_SYSTEM_DIR),
-                                reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+pytestmark = pytest.mark.usefixtures("fashion_mnist")
 TEACHER = "pretrained/convnext_demo_32_fmnist.pth"
 
 

@@ -5,7 +5,6 @@ gathered global batch, so it must match too.
 """
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -114,14 +113,16 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(tmp_path):
             "--output", tmp_path]
     _torchrun("train.py", *args, "--experiment", "reference")
     folder = tmp_path / "killed"
-    proc = _torchrun("train.py", *args, "--experiment", "killed", start_new_session=True)
+    proc = _torchrun("train.py", *args, "--experiment", "killed", stdin=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until epoch 1 is under way (epoch 0's checkpoint is on disk)
         log = folder / "log.txt"
         if log.exists() and "Train: 1 [   3/8" in log.read_text():
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # SIGKILL the launcher and its workers (which torchrun runs in their own sessions): every process whose
+    # command line names this test's folder.
+    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=True)
     proc.wait()
     assert torch.load(folder / "last.pth.tar", weights_only=True)["epoch"] == 0
     _torchrun("train.py", "--resume", folder / "last.pth.tar")

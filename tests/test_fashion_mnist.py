@@ -1,15 +1,13 @@
 """The idx reader, on Fashion-MNIST itself when the Debian package is present and on files we write."""
 import gzip
-import os
 import struct
 
 import numpy as np
 import pytest
 
-from engine.datasets import FASHION_MNIST_SYSTEM_DIR, read_fashion_mnist, read_idx_gz
+from engine.datasets import read_fashion_mnist, read_idx_gz
 from engine.errors import UserError
 
-HAVE_PACKAGE = os.path.isfile(os.path.join(FASHION_MNIST_SYSTEM_DIR, "train-images-idx3-ubyte.gz"))
 
 
 def write_idx(path, array):
@@ -47,8 +45,7 @@ def test_dataset_from_a_data_path(tmp_path):
     assert image.size == (28, 28) and image.mode == "RGB" and label == 3
 
 
-@pytest.mark.skipif(not HAVE_PACKAGE, reason="Debian package dataset-fashion-mnist not installed")
-def test_real_fashion_mnist_counts_shapes_labels():
+def test_real_fashion_mnist_counts_shapes_labels(fashion_mnist):
     train, val = read_fashion_mnist("", "train"), read_fashion_mnist("", "val")
     assert (len(train), len(val)) == (60000, 10000)
     assert train.images.shape == (60000, 28, 28) and train.images.dtype == np.uint8

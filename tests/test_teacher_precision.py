@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from engine.datasets import FASHION_MNIST_SYSTEM_DIR, read_fashion_mnist
+from engine.datasets import read_fashion_mnist
 from engine.features import FeatureRequest
 from engine.loader import build_eval_transform, resolve_data_settings
 from engine.models import create_model, load_weights
@@ -31,9 +31,7 @@ def fashion_mnist_batch(model, n, img_size=None):
     return torch.stack([dataset[i][0] for i in range(n)])
 
 
-@pytest.mark.skipif(not (os.path.isfile(DEMO_TEACHER) and os.path.isdir(FASHION_MNIST_SYSTEM_DIR)),
-                    reason="needs the shipped demo teacher and Fashion-MNIST")
-def test_bf16_demo_teacher_embeddings_track_fp32():
+def test_bf16_demo_teacher_embeddings_track_fp32(fashion_mnist):
     model = load_weights(create_model("convnext_demo_32", num_classes=10), DEMO_TEACHER, "convnext_demo_32")
     images = fashion_mnist_batch(model, 256)
     fp32, bf16 = embeddings(model, images, "fp32"), embeddings(model, images, "bf16")

@@ -2,6 +2,7 @@
 import re
 
 import pytest
+import torch
 
 from conftest import SMALL_RUN, run_cli
 
@@ -28,10 +29,14 @@ def test_startup_report_swin_nano_from_convnext_tiny_gamma_4(tmp_path, saved_wei
     ["--model-ema", "--model-ema-decay", "0.9", "0.99"],
 ])
 def test_kd_runs_with(tmp_path, saved_weights, flags):
+    start = saved_weights("resnet18", filename="start.pth")
     out = train(tmp_path, "--distiller", "kd", "--teacher", "resnet18", "--teacher-pretrained",
-                saved_weights("resnet18"), *flags)
+                saved_weights("resnet18"), "--initial-checkpoint", start, *flags)
     loss = float(re.search(r"Train: 0 \[   4/4 .*?loss ([\d.]+)", out).group(1))
     assert 0 < loss < 100
+    before, after = torch.load(start, weights_only=True), torch.load(tmp_path / "run" / "student_last.pth",
+                                                                     weights_only=True)
+    assert not torch.equal(before["fc.weight"], after["fc.weight"]), "training must move the weights"
     if "--model-ema" in flags:
         assert "ema0.9_top1" in out and "ema0.99_top1" in out
 
@@ -39,3 +44,42 @@ def test_kd_runs_with(tmp_path, saved_weights, flags):
 def test_fp16_amp_on_cpu_is_refused(tmp_path):
     result = run_cli("train.py", *SMALL_RUN, "--amp", "--amp-dtype", "float16", "--output", tmp_path / "runs")
     assert result.returncode == 2 and "--amp-dtype float16 is not supported on CPU" in result.stderr
+
+
+def test_bf16_step_agrees_with_fp32():
+    """One KD step with the student under bf16 autocast and a bf16 teacher moves the weights as fp32 does:
+    the loss within 2% and the weight update within 10% (relative norm of the difference)."""
+    from types import SimpleNamespace
+    from distillers import DistillerContext, build_distiller
+    from engine.batch import Batch
+    from engine.features import FeatureRequest
+    from engine.loop import train_step
+    from engine.models import create_model
+    from engine.precision import autocast_factory
+    from engine.teacher import FrozenSource
+    from timm.optim import create_optimizer_v2
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    teacher_model = create_model("resnet18", num_classes=10, img_size=32)
+    args = SimpleNamespace(gt_loss_weight=1.0, kd_loss_weight=1.0, kd_temperature=4.0)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(1)
+        student = create_model("resnet18", num_classes=10, img_size=32)
+        start = {k: v.clone() for k, v in student.state_dict().items()}
+        context = DistillerContext(args=args, gt_criterion=torch.nn.CrossEntropyLoss(), num_classes=10,
+                                   teacher=teacher_model)
+        distiller = build_distiller("kd", student, context).train()
+        teacher = FrozenSource(teacher_model, FeatureRequest(logits=True), "cpu", precision)
+        optimizer = create_optimizer_v2(distiller, opt="sgd", lr=0.1, momentum=0.9)
+        autocast = autocast_factory(torch.device("cpu"), None if precision == "fp32" else torch.bfloat16)
+        batch = Batch(images=images, targets=labels, labels=labels, index=torch.arange(16))
+        loss, _ = train_step(distiller, teacher, optimizer, batch, autocast=autocast)
+        update = torch.cat([(v - start[k]).flatten() for k, v in student.state_dict().items()
+                            if v.is_floating_point()])
+        results[precision] = (loss.item(), update)
+    (loss32, update32), (loss16, update16) = results["fp32"], results["bf16"]
+    assert torch.isfinite(torch.tensor(loss16)) and update16.norm() > 0
+    assert abs(loss16 - loss32) <= 0.02 * abs(loss32)
+    assert (update16 - update32).norm() <= 0.1 * update32.norm()

@@ -1,0 +1,66 @@
+"""Distiller state (memory banks, queues): buffers the distiller keeps identical on every rank itself are left
+alone by DDP (which broadcasts rank 0's buffers at every forward), saved with the distiller, kept out of the
+student export."""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from distillers import Distiller, DistillerContext
+from engine.distributed import DistEnv
+from engine.run import wrap_for_training
+
+
+class TinyStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.register_buffer("plain", torch.zeros(3))  # an ordinary buffer: DDP syncs it from rank 0
+
+
+class BankDistiller(Distiller):
+    def __init__(self, student, context):
+        super().__init__(student, context)
+        self.register_buffer("bank", torch.zeros(4))
+
+    def self_synced_buffers(self):
+        return ["bank"]
+
+    def forward(self, x):
+        return self.student.fc(x).sum()
+
+
+def build():
+    args = type("Args", (), {"gt_loss_weight": 1.0})()
+    return BankDistiller(TinyStudent(), DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=2))
+
+
+def _rank(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        distiller = build()
+        distiller.bank.fill_(rank + 1)
+        distiller.student.plain.fill_(rank + 1)
+        model = wrap_for_training(distiller, DistEnv(rank=rank, world_size=2))
+        model(torch.ones(2, 3)).backward()  # DDP broadcasts rank 0's buffers before this forward
+        torch.save({"bank": distiller.bank.clone(), "plain": distiller.student.plain.clone()}, f"{out}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_self_synced_buffers_are_not_broadcast_by_ddp(tmp_path):
+    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=2, join=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert torch.equal(rank1["plain"], torch.full((3,), 1.0)), "an ordinary buffer takes rank 0's value"
+    assert torch.equal(rank1["bank"], torch.full((4,), 2.0)), "the distiller's own buffer keeps rank 1's value"
+
+
+def test_distiller_buffers_are_saved_with_the_distiller_not_the_student():
+    distiller = build()
+    distiller.bank.fill_(7)
+    assert torch.equal(distiller.extra_state_dict()["bank"], torch.full((4,), 7.0))
+    assert "bank" not in distiller.student.state_dict() and "student.plain" not in distiller.extra_state_dict()
+    again = build()
+    again.load_extra_state_dict(distiller.extra_state_dict())
+    assert torch.equal(again.bank, distiller.bank)
