@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+import torch
 from torch import nn
 
 from engine.features import FeatureRequest, extract_features
@@ -25,6 +26,7 @@ class DistillerContext:
     student_stages: Dict = field(default_factory=dict)  # requested paper stage -> StageInfo (dry run)
     teacher_stages: Dict = field(default_factory=dict)
     dataset_size: int = 0  # training samples (memory banks keyed by dataset index)
+    train_labels: Optional[torch.Tensor] = None  # class of each training sample, by dataset index (int64)
     world_size: int = 1
 
 

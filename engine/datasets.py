@@ -10,6 +10,7 @@ import pickle
 import struct
 
 import numpy as np
+import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
@@ -59,6 +60,12 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index):
         image, label = self.dataset[index]
         return image, label, index
+
+
+def dataset_labels(dataset):
+    """The class of every sample, by dataset index, as an int64 tensor (without reading any image)."""
+    labels = dataset.labels if hasattr(dataset, "labels") else dataset.targets  # ours / torchvision's ImageFolder
+    return torch.as_tensor(np.asarray(labels), dtype=torch.int64)
 
 
 def _cifar100_dir(root):

@@ -27,6 +27,7 @@ from .checkpoint import remove_stale_temporaries, restore_training_state, write_
 from .config import save_args_yaml
 from .distributed import DistEnv, init_distributed
 from .errors import UserError
+from .datasets import dataset_labels
 from .loader import build_loaders, build_mixup, load_datasets, resolve_data_settings
 from .models import count_parameters, create_model, load_weights
 from .optim import build_optimizer
@@ -46,6 +47,7 @@ class Data:
     config: dict  # timm's data config of the student: input_size, mean, std, interpolation, crop_pct
     train_size: int
     val_size: int
+    train_labels: torch.Tensor  # class of each training sample, by dataset index
 
 
 @dataclass
@@ -138,7 +140,8 @@ def build_data(args, env, student, train_set, val_set, kind):
         raise UserError(f"the training set has {len(train_set)} samples, fewer than one batch per process "
                         f"(-b {args.batch_size} x {env.world_size}); lower --batch-size")
     return Data(kind=kind, source=str(train_set.source), train_loader=train_loader, val_loader=val_loader,
-                config=config, train_size=len(train_set), val_size=len(val_set))
+                config=config, train_size=len(train_set), val_size=len(val_set),
+                train_labels=dataset_labels(train_set))
 
 
 def build_distiller_for(args, env, student, teacher_model, data, mixup):
@@ -151,7 +154,8 @@ def build_distiller_for(args, env, student, teacher_model, data, mixup):
     teacher_size = (3, args.teacher_img_size, args.teacher_img_size) if args.teacher_img_size else student_size
     context = DistillerContext(
         args=args, gt_criterion=ground_truth_criterion(args, mixup), num_classes=args.num_classes,
-        teacher=teacher_model, dataset_size=data.train_size, world_size=env.world_size,
+        teacher=teacher_model, dataset_size=data.train_size, train_labels=data.train_labels,
+        world_size=env.world_size,
         student_stages=probe_stages(student, student_size, student_request.stages),
         teacher_stages=probe_stages(teacher_model, teacher_size, teacher_request.stages) if teacher_request else {})
     return build_distiller(args.distiller, student, context)

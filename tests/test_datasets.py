@@ -64,3 +64,11 @@ def test_imagenet_without_val_folder(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(UserError, match="has no val/ folder"):
         build_dataset("imagenet", str(tmp_path), "val", ARGS)
+
+
+def test_dataset_labels_of_every_kind(tmp_path):
+    from engine.datasets import dataset_labels
+    synthetic = make_synthetic("train", 40, 4)
+    assert dataset_labels(synthetic).tolist() == [synthetic[i][1] for i in range(40)]
+    folder = build_dataset("imagenet", str(write_image_folder(tmp_path / "inet")), "train", ARGS)
+    assert dataset_labels(folder).tolist() == [0, 0, 1, 1, 2, 2]

@@ -1,0 +1,94 @@
+"""Every registered distiller x a CNN, a DeiT, a Swin and a Mixer student x a ConvNeXt and a ViT teacher,
+at 32 px on CPU, in one process: two training steps each, with mixup where the distiller supports it, and
+again under bf16 autocast. Losses must be finite and every extra module (each AAD, projector, branch) must
+get a non-zero gradient. Tiny inputs keep the whole matrix inside CI's budget.
+
+A distiller whose flags need values to run (e.g. stages) gets them from EXTRA_FLAGS.
+"""
+import copy
+import functools
+
+import pytest
+import torch
+
+from distillers import DISTILLERS, DistillerContext, build_distiller
+from engine.config import parse_args_with_config
+from engine.loader import build_mixup
+from engine.batch import Batch
+from engine.loop import train_step
+from engine.models import create_model
+from engine.precision import autocast_factory
+from engine.run import ground_truth_criterion
+from engine.stages import probe_stages
+from engine.teacher import FrozenSource
+from engine.train_args import build_train_parser
+from timm.optim import create_optimizer_v2
+
+STUDENTS = ["resnet18", "deit_tiny_patch16_224", "swin_pico_patch4_window7_224", "mixer_s16_224"]
+TEACHERS = ["convnext_atto", "vit_tiny_patch16_224"]
+CLASSES, IMG, BATCH = 10, 32, 8
+EXTRA_FLAGS = {}  # distiller name -> extra command-line flags for the matrix
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name):
+    torch.manual_seed(0)
+    return create_model(name, num_classes=CLASSES, img_size=IMG, drop_path_rate=0.0)
+
+
+def distillers_under_test():
+    return sorted(set(DISTILLERS) - {"vanilla"})
+
+
+def extra_modules(distiller):
+    """The distiller's own trainable submodules (direct children other than the student)."""
+    return {name: module for name, module in distiller.named_children()
+            if name != "student" and any(p.requires_grad for p in module.parameters())}
+
+
+def run_two_steps(name, student_name, teacher_name, mixup, bf16):
+    argv = ["--distiller", name, "--teacher", teacher_name, "--img-size", str(IMG), "-b", str(BATCH),
+            "--smoothing", "0.1", *EXTRA_FLAGS.get(name, [])]
+    if mixup:
+        argv += ["--mixup", "0.8", "--cutmix", "1.0"]
+    args = parse_args_with_config(build_train_parser(DISTILLERS), argv)
+    args.num_classes = CLASSES
+    student, teacher_model = copy.deepcopy(_model(student_name)), _model(teacher_name)
+    student_request, teacher_request = DISTILLERS[name].feature_requests(args)
+    mix = build_mixup(args, CLASSES)
+    context = DistillerContext(
+        args=args, gt_criterion=ground_truth_criterion(args, mix), num_classes=CLASSES, teacher=teacher_model,
+        student_stages=probe_stages(student, (3, IMG, IMG), student_request.stages),
+        teacher_stages=probe_stages(teacher_model, (3, IMG, IMG), teacher_request.stages),
+        dataset_size=4 * BATCH, train_labels=torch.arange(4 * BATCH) % CLASSES, world_size=1)
+    distiller = build_distiller(name, student, context).train()
+    teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu", "bf16" if bf16 else "fp32")
+    optimizer = create_optimizer_v2(distiller, opt="sgd", lr=0.01, momentum=0.9)
+    autocast = autocast_factory(torch.device("cpu"), torch.bfloat16 if bf16 else None)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(2):
+        images = torch.randn(BATCH, 3, IMG, IMG, generator=generator)
+        labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+        index = torch.arange(step * BATCH, (step + 1) * BATCH)
+        targets, lam = labels, 1.0
+        if mix is not None:
+            images, targets, labels, lam = mix(images, labels)
+        batch = Batch(images=images, targets=targets, labels=labels, index=index, lam=lam)
+        loss, losses = train_step(distiller, teacher, optimizer, batch, autocast=autocast)
+        assert torch.isfinite(loss), (name, losses)
+        for term, value in losses.items():
+            assert torch.isfinite(value), (name, term)
+        for module_name, module in extra_modules(distiller).items():
+            grads = [p.grad for p in module.parameters() if p.requires_grad]
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), f"{name}: no gradient on {module_name}"
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", distillers_under_test())
+def test_every_distiller_trains_on_every_family(name):
+    supports_mixup = DISTILLERS[name].supports_mixup
+    for student_name in STUDENTS:
+        for teacher_name in TEACHERS:
+            for mixup, bf16 in ((False, False), (supports_mixup, True)):
+                run_two_steps(name, student_name, teacher_name, mixup, bf16)
