@@ -4,6 +4,11 @@ L = CE(logits_s, y) + lambda * L_rsd(h(z_s), z_t), where h is the AAD projector 
 training) and L_rsd = sum_i (C_ii - 1)^2 + kappa * sum_{i != j} C_ij^2 over the cross-correlation C
 of the batch-standardised teacher and projected student embeddings (the paper's Pearson matrix, Eq. 4).
 Statistics are taken over the global batch under DDP, the AAD's BatchNorm included.
+
+Variants of the paper, each one flag away: `--rsd-target logits` (Table 5: the same loss on the student and
+teacher logits, no AAD); `--rsd-kappa 0` (Table 3: RSD-corr only); `--rsd-no-aad` (Table 4);
+`--rsd-branch-stage 3 4` (Table 7: plus lambda * L_rsd between the logits of OFA's stage branches and the
+teacher logits, per listed stage). RSD inside OFA (Table 6) is `--distiller ofa --ofa-criterion rsd`.
 """
 import torch
 from torch import nn
@@ -14,6 +19,7 @@ from engine.features import FeatureRequest
 from engine.models import embedding_dim
 
 from .base import Distiller
+from .branches import StageBranches
 from .registry import register_distiller
 
 STANDARDISE_EPS = 1e-5
@@ -63,21 +69,29 @@ class ArchitectureAgnosticDecoupler(nn.Sequential):
 
 @register_distiller("rsd")
 class RSD(Distiller):
-    student_request = FeatureRequest(embedding=True)
-    teacher_request = FeatureRequest(logits=False, embedding=True)
+
+    @classmethod
+    def feature_requests(cls, args):
+        on_embedding = args.rsd_target == "embedding"
+        student = FeatureRequest(stages=tuple(args.rsd_branch_stage), embedding=on_embedding)
+        teacher = FeatureRequest(embedding=on_embedding, logits=not on_embedding or bool(args.rsd_branch_stage))
+        return student, teacher
 
     def __init__(self, student, context):
         super().__init__(student, context)
         args = context.args
         self.loss_weight, self.kappa = args.rsd_loss_weight, args.rsd_kappa
         d_s, d_t = embedding_dim(student), embedding_dim(context.teacher)
-        if args.rsd_no_aad:
+        if args.rsd_target == "logits":
+            self.aad = None
+        elif args.rsd_no_aad:
             if d_s != d_t:
                 raise UserError(f"--rsd-no-aad needs equal embedding widths, but the student has {d_s} and the "
                                 f"teacher {d_t}; drop --rsd-no-aad")
             self.aad = nn.Identity()
         else:
             self.aad = ArchitectureAgnosticDecoupler(d_s, d_t, args.rsd_gamma)
+        self.branches = StageBranches(context.student_stages, d_s, d_t, context.num_classes)
 
     @classmethod
     def add_arguments(cls, parser):
@@ -86,9 +100,24 @@ class RSD(Distiller):
         g.add_argument("--rsd-kappa", type=float, default=0.01, help="kappa: weight of the off-diagonal term")
         g.add_argument("--rsd-gamma", type=float, default=2.0, help="gamma: AAD hidden width / student width")
         g.add_argument("--rsd-no-aad", action="store_true", help="ablation: no AAD (needs D_s == D_t)")
+        g.add_argument("--rsd-target", default="embedding", choices=("embedding", "logits"),
+                       help="logits: RSD between student and teacher logits, no AAD (paper, Table 5)")
+        g.add_argument("--rsd-branch-stage", type=int, nargs="*", default=[],
+                       help="paper stages whose OFA branch logits also get lambda * L_rsd against the teacher "
+                            "logits (paper, Table 7)")
 
     def distill_losses(self, student_feats, teacher_feats, batch):
-        # AAD runs on the gathered global batch, so its BatchNorm sees global statistics on any device.
-        projected = self.aad(gather_with_grad(student_feats.embedding))
-        teacher = gather_no_grad(teacher_feats.embedding)
-        return {"rsd": self.loss_weight * rsd_loss(projected, teacher, self.kappa)}
+        if self.aad is None:
+            losses = {"rsd": self.loss_weight * rsd_loss(gather_with_grad(student_feats.logits),
+                                                         gather_no_grad(teacher_feats.logits), self.kappa)}
+        else:
+            # AAD runs on the gathered global batch, so its BatchNorm sees global statistics on any device.
+            projected = self.aad(gather_with_grad(student_feats.embedding))
+            teacher = gather_no_grad(teacher_feats.embedding)
+            losses = {"rsd": self.loss_weight * rsd_loss(projected, teacher, self.kappa)}
+        if self.branches:
+            teacher_logits = gather_no_grad(teacher_feats.logits)
+            for stage, logits in self.branches(student_feats.stages).items():
+                losses[f"rsd_stage{stage}"] = self.loss_weight * rsd_loss(gather_with_grad(logits), teacher_logits,
+                                                                         self.kappa)
+        return losses

@@ -54,9 +54,9 @@ def test_swin_nano_is_the_papers_9_60m():
     ("swin_nano_patch4_window7_224", "convnext_tiny", 4, 2_625_536),
 ])
 def test_rsd_extra_parameters_match_figure_3(student, teacher, gamma, expected):
-    from types import SimpleNamespace
-    args = SimpleNamespace(gt_loss_weight=1.0, rsd_loss_weight=0.1, rsd_kappa=0.01, rsd_gamma=gamma,
-                           rsd_no_aad=False)
+    from distillers import DISTILLERS
+    from engine.train_args import build_train_parser
+    args = build_train_parser(DISTILLERS).parse_args(["--distiller", "rsd", "--rsd-gamma", str(gamma)])
     context = DistillerContext(args=args, gt_criterion=torch.nn.CrossEntropyLoss(), num_classes=100,
                                teacher=timm.create_model(teacher, num_classes=100))
     distiller = RSD(timm.create_model(student, num_classes=100), context)
