@@ -1,4 +1,12 @@
-"""Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean (REFERENCE.md §4)."""
+"""Logit distillation: Hinton KD (REFERENCE.md §4) and the OFA-KD code's binary variant BKD (§4a).
+
+KD:  T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over the batch.
+BKD: every student logit read as an independent sigmoid, trained with binary cross-entropy towards the
+     teacher's softmax probability of that class, mean over batch and classes.
+Both are scaled by --kd-loss-weight and share --kd-temperature. The loss math runs in fp32 (fp64 stays fp64),
+so bf16 student logits under autocast never reach a log.
+"""
+import torch
 import torch.nn.functional as F
 
 from engine.features import FeatureRequest
@@ -7,10 +15,27 @@ from .base import Distiller
 from .registry import register_distiller
 
 
-def kd_loss(student_logits, teacher_logits, temperature):
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+def at_least_fp32(x):
+    """`x` in fp32, or fp64 when it already is: the precision every logit loss computes in."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def kd_loss(logits_student, logits_teacher, temperature):
+    log_p_s = F.log_softmax(at_least_fp32(logits_student) / temperature, dim=1)
+    log_p_t = F.log_softmax(at_least_fp32(logits_teacher).to(log_p_s.dtype) / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def bkd_loss(logits_student, logits_teacher, temperature):
+    """mean_{b,c} BCE(sigmoid(s_bc / T), softmax(t_b / T)_c) * T^2.
+
+    The reference applies no temperature (it is this at T = 1, the --kd-temperature default); with T != 1 both
+    sides are softened by T and the T^2 factor keeps the gradient scale of KD. The minimum over the student
+    logits is at s / T = logit(p_t).
+    """
+    s = at_least_fp32(logits_student) / temperature
+    p_t = F.softmax(at_least_fp32(logits_teacher).to(s.dtype) / temperature, dim=1)
+    return F.binary_cross_entropy_with_logits(s, p_t) * temperature ** 2
 
 
 @register_distiller("kd")
@@ -25,7 +50,18 @@ class KD(Distiller):
     @classmethod
     def add_arguments(cls, parser):
         g = parser.add_argument_group("KD")
-        g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T")
+        g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T (KD and BKD)")
 
     def distill_losses(self, student_feats, teacher_feats, batch):
         return {"kd": self.kd_loss_weight * kd_loss(student_feats.logits, teacher_feats.logits, self.temperature)}
+
+
+@register_distiller("bkd")
+class BKD(KD):
+
+    @classmethod
+    def add_arguments(cls, parser):
+        """No flags of its own: BKD reads KD's --kd-temperature."""
+
+    def distill_losses(self, student_feats, teacher_feats, batch):
+        return {"bkd": self.kd_loss_weight * bkd_loss(student_feats.logits, teacher_feats.logits, self.temperature)}

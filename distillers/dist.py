@@ -1,0 +1,57 @@
+"""DIST: Knowledge Distillation from A Stronger Teacher (Huang et al., NeurIPS 2022; REFERENCE.md §4, §4a).
+
+Matches relations instead of exact probabilities, with d(u, v) = 1 - Pearson(u, v) on y = softmax(logits / tau):
+inter-class relation, d between each sample's student and teacher class distributions (rows of the B x C
+matrix), averaged over samples; intra-class relation, d between each class's student and teacher scores across
+the batch (columns), averaged over classes. L = CE + kd_loss_weight * tau^2 * (beta * inter + gamma * intra).
+The intra term is a batch statistic, so it is taken over the global batch under DDP.
+"""
+import torch.nn.functional as F
+
+from engine.distributed import gather_no_grad, gather_with_grad
+from engine.features import FeatureRequest
+
+from .base import Distiller
+from .kd import at_least_fp32
+from .registry import register_distiller
+
+PEARSON_EPS = 1e-8  # added to the product of the norms, as the reference
+
+
+def _row_pearson(a, b):
+    """Pearson correlation of each row of `a` with the same row of `b`: the cosine of the centred rows."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + PEARSON_EPS)
+
+
+def dist_loss(logits_student, logits_teacher, beta, gamma, tau):
+    """tau^2 * (beta * inter + gamma * intra) over the rows given (the whole batch), in fp32 (fp64 stays fp64)."""
+    y_s = F.softmax(at_least_fp32(logits_student) / tau, dim=1)
+    y_t = F.softmax(at_least_fp32(logits_teacher).to(y_s.dtype) / tau, dim=1)
+    inter = 1 - _row_pearson(y_s, y_t).mean()
+    intra = 1 - _row_pearson(y_s.t(), y_t.t()).mean()
+    return tau ** 2 * (beta * inter + gamma * intra)
+
+
+@register_distiller("dist")
+class DIST(Distiller):
+    teacher_request = FeatureRequest(logits=True)
+
+    def __init__(self, student, context):
+        super().__init__(student, context)
+        args = context.args
+        self.beta, self.gamma, self.tau = args.dist_beta, args.dist_gamma, args.dist_tau
+        self.kd_loss_weight = args.kd_loss_weight
+
+    @classmethod
+    def add_arguments(cls, parser):
+        g = parser.add_argument_group("DIST")
+        g.add_argument("--dist-beta", type=float, default=1.0, help="beta: weight of the inter-class relation")
+        g.add_argument("--dist-gamma", type=float, default=1.0, help="gamma: weight of the intra-class relation")
+        g.add_argument("--dist-tau", type=float, default=1.0, help="softmax temperature tau")
+
+    def distill_losses(self, student_feats, teacher_feats, batch):
+        loss = dist_loss(gather_with_grad(student_feats.logits), gather_no_grad(teacher_feats.logits), self.beta,
+                         self.gamma, self.tau)
+        return {"dist": self.kd_loss_weight * loss}

@@ -1,0 +1,67 @@
+"""DKD: Decoupled Knowledge Distillation (Zhao et al., CVPR 2022; REFERENCE.md §4, §4a).
+
+The paper rewrites KD's KL as TCKD + (1 - p_target^T) * NCKD: TCKD, the KL between the binary
+(target class vs all others) distributions of teacher and student; NCKD, the KL between their softmaxes over
+the non-target classes only. DKD drops the coupling factor and weights the two freely:
+L = CE + kd_loss_weight * T^2 * (alpha * TCKD + beta * NCKD). Each KL is summed over its classes and averaged
+over the batch, as the reference. The target is the hard label; under mixup/cutmix, the dominant class.
+
+The warm-up of the DKD authors' code (the term scaled by min(epoch / warmup, 1)) is omitted: the OFA-KD code,
+whose DKD the RSD paper's tables report, has none.
+"""
+import torch
+import torch.nn.functional as F
+
+from engine.features import FeatureRequest
+
+from .base import Distiller
+from .kd import at_least_fp32
+from .registry import register_distiller
+
+TARGET_MASK = 1000.0  # subtracted from the target logit (after dividing by T) to leave it out of NCKD's softmax
+
+
+def _binary_log_probs(z, target):
+    """log p_target and log(1 - p_target) of softmax(z), from log-sum-exps so that neither underflows."""
+    log_target = z.masked_fill(~target, float("-inf")).logsumexp(dim=1)
+    log_rest = z.masked_fill(target, float("-inf")).logsumexp(dim=1)
+    return torch.stack([log_target, log_rest], dim=1) - z.logsumexp(dim=1, keepdim=True)
+
+
+def _kl(log_p_student, log_p_teacher):
+    """KL(teacher || student), summed over the classes, mean over the batch."""
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+def dkd_loss(logits_student, logits_teacher, labels, alpha, beta, temperature):
+    """T^2 * (alpha * TCKD + beta * NCKD) for hard `labels` (B,), in fp32 (fp64 stays fp64)."""
+    z_s = at_least_fp32(logits_student) / temperature
+    z_t = at_least_fp32(logits_teacher).to(z_s.dtype) / temperature
+    target = F.one_hot(labels, z_s.shape[1]).bool()
+    tckd = _kl(_binary_log_probs(z_s, target), _binary_log_probs(z_t, target))
+    mask = TARGET_MASK * target.to(z_s.dtype)
+    nckd = _kl(F.log_softmax(z_s - mask, dim=1), F.log_softmax(z_t - mask, dim=1))
+    return temperature ** 2 * (alpha * tckd + beta * nckd)
+
+
+@register_distiller("dkd")
+class DKD(Distiller):
+    teacher_request = FeatureRequest(logits=True)
+
+    def __init__(self, student, context):
+        super().__init__(student, context)
+        args = context.args
+        self.alpha, self.beta, self.temperature = args.dkd_alpha, args.dkd_beta, args.dkd_temperature
+        self.kd_loss_weight = args.kd_loss_weight
+
+    @classmethod
+    def add_arguments(cls, parser):
+        g = parser.add_argument_group("DKD")
+        g.add_argument("--dkd-alpha", type=float, default=1.0, help="alpha: weight of TCKD (target vs rest)")
+        g.add_argument("--dkd-beta", type=float, default=2.0, help="beta: weight of NCKD (non-target classes)")
+        g.add_argument("--dkd-temperature", type=float, default=1.0, help="softmax temperature T")
+
+    def distill_losses(self, student_feats, teacher_feats, batch):
+        loss = dkd_loss(student_feats.logits, teacher_feats.logits, batch.labels, self.alpha, self.beta,
+                        self.temperature)
+        return {"dkd": self.kd_loss_weight * loss}
