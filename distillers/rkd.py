@@ -1,0 +1,74 @@
+"""RKD, relational knowledge distillation: distance and angle losses (REFERENCE.md §4, §4a).
+
+On the pooled embeddings as they are, of whatever widths: as in the OFA-KD code there is no projector,
+since both relations (pairwise distances normalised by their mean, cosines of triplet angles) compare
+samples within one model's space. Distance loss: smooth-L1 between the normalised distance matrices;
+angle loss: smooth-L1 between the cosines of the angle at e_i between e_j and e_k, for every triplet.
+Total: kd_loss_weight * (distance_weight * distance + angle_weight * angle), over the global batch.
+"""
+import torch
+import torch.nn.functional as F
+
+from engine.distributed import gather_no_grad, gather_with_grad
+from engine.features import FeatureRequest
+
+from .base import Distiller
+from .registry import register_distiller
+
+
+def pairwise_distances(x, eps, squared):
+    """Euclidean (or, with `squared`, squared) distances from |a|^2 + |b|^2 - 2ab floored at eps; zero diagonal."""
+    norms = x.pow(2).sum(dim=1)
+    dist = (norms[:, None] + norms[None, :] - 2 * x @ x.t()).clamp(min=eps)
+    if not squared:
+        dist = dist.sqrt()
+    return dist.masked_fill(torch.eye(len(x), dtype=torch.bool, device=x.device), 0)
+
+
+def normalised_distances(x, eps, squared):
+    """Pairwise distances divided by the mean of the positive ones."""
+    dist = pairwise_distances(x, eps, squared)
+    return dist / dist[dist > 0].mean()
+
+
+def triplet_cosines(x):
+    """[i, j, k] = cos of the angle at e_i between e_j and e_k (0 where j or k equals i)."""
+    directions = F.normalize(x[None, :, :] - x[:, None, :], dim=2)  # [i, j] = unit(e_j - e_i)
+    return directions @ directions.transpose(1, 2)
+
+
+def rkd_loss(student_emb, teacher_emb, distance_weight, angle_weight, eps, squared):
+    """distance_weight * smooth-L1(distances) + angle_weight * smooth-L1(angles), in fp32 (fp64 kept)."""
+    with torch.autocast(student_emb.device.type, enabled=False):
+        s = student_emb.to(torch.promote_types(student_emb.dtype, torch.float32))
+        t = teacher_emb.to(torch.promote_types(teacher_emb.dtype, torch.float32))
+        distance = F.smooth_l1_loss(normalised_distances(s, eps, squared), normalised_distances(t, eps, squared))
+        angle = F.smooth_l1_loss(triplet_cosines(s), triplet_cosines(t))
+        return distance_weight * distance + angle_weight * angle
+
+
+@register_distiller("rkd")
+class RKD(Distiller):
+    student_request = FeatureRequest(embedding=True)
+    teacher_request = FeatureRequest(embedding=True, logits=False)
+
+    def __init__(self, student, context):
+        super().__init__(student, context)
+        args = context.args
+        self.kd_loss_weight = args.kd_loss_weight
+        self.distance_weight, self.angle_weight = args.rkd_distance_weight, args.rkd_angle_weight
+        self.eps, self.squared = args.rkd_eps, args.rkd_squared
+
+    @classmethod
+    def add_arguments(cls, parser):
+        g = parser.add_argument_group("RKD")
+        g.add_argument("--rkd-distance-weight", type=float, default=25.0, help="weight of the distance loss")
+        g.add_argument("--rkd-angle-weight", type=float, default=50.0, help="weight of the angle loss")
+        g.add_argument("--rkd-eps", type=float, default=1e-12, help="floor of the squared pairwise distances")
+        g.add_argument("--rkd-squared", action="store_true", help="use squared pairwise distances")
+
+    def distill_losses(self, student_feats, teacher_feats, batch):
+        student = gather_with_grad(student_feats.embedding)
+        teacher = gather_no_grad(teacher_feats.embedding)
+        loss = rkd_loss(student, teacher, self.distance_weight, self.angle_weight, self.eps, self.squared)
+        return {"rkd": self.kd_loss_weight * loss}
