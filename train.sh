@@ -2,6 +2,9 @@
 # bash train.sh                 the offline demo: RSD from the shipped ConvNeXt teacher to a DeiT student on
 #                               Fashion-MNIST, on CPU (installs what is missing first)
 # bash train.sh --flag ...      the demo with overrides, e.g. `bash train.sh --distiller vanilla` (no teacher)
+# bash train.sh N -c PRESET [args]
+#                               a config (e.g. a paper pair of configs/presets/) on N GPUs via torchrun, with
+#                               just the given arguments; DATA_DIR, when set, is passed as the data folder
 # bash train.sh N [args]        the paper's default pair (Swin-T -> ResNet18, CIFAR-100, RSD) on N GPUs via
 #                               torchrun; DATA_DIR and TEACHER_CKPT override the default paths
 set -euo pipefail
@@ -18,6 +21,13 @@ if ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
 fi
 NPROC=$1
 shift
+
+for arg in "$@"; do
+    if [[ "$arg" == -c* || "$arg" == --config || "$arg" == --config=* ]]; then
+        exec torchrun --nproc_per_node "$NPROC" train.py ${DATA_DIR:+"$DATA_DIR"} "$@"
+    fi
+done
+
 DATA_DIR=${DATA_DIR:-data/cifar100}
 TEACHER_CKPT=${TEACHER_CKPT:-pretrained/swin_tiny_patch4_window7_224_cifar100.pth}
 exec torchrun --nproc_per_node "$NPROC" train.py "$DATA_DIR" --config configs/cifar/cnn.yaml \

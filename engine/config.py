@@ -1,10 +1,22 @@
-"""YAML configs whose keys are argument names: the file sets defaults, the command line wins."""
+"""YAML configs whose keys are argument names: the file sets defaults, the command line wins.
+
+Two keys of a config are not argument names:
+- `include: PATH` (relative to the file's folder) reads another config first; the file's own keys win over
+  it. The presets (configs/presets/) include the paper's recipe this way, e.g. `include: ../../cifar/cnn.yaml`.
+- `distiller_overrides: {NAME: {key: value, ...}}` holds values that apply only when the run's distiller is
+  NAME, for settings the paper tunes per method (OFA's --ofa-eps, its ImageNet lr). Precedence:
+  command line > distiller_overrides of the chosen distiller > the file's keys > what it includes > defaults.
+Both are resolved while parsing, so the saved args.yaml holds plain argument values only.
+"""
 import argparse
 import os
 
 import yaml
 
 from .errors import UserError
+
+INCLUDE, OVERRIDES = "include", "distiller_overrides"
+NOT_SETTABLE = ("help", "config")  # argument names a config may not set
 
 
 def _convert(action, value):
@@ -22,8 +34,7 @@ def _convert(action, value):
     return value
 
 
-def load_config_defaults(parser, path):
-    """Read a YAML config and return {dest: value}, rejecting keys the parser does not know."""
+def _read_mapping(path):
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path!r}; pass an existing YAML file to -c/--config "
                         f"(see configs/ for examples)")
@@ -34,25 +45,75 @@ def load_config_defaults(parser, path):
             raise UserError(f"config {path!r} is not valid YAML: {exc}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"config {path!r} must be a mapping of argument names to values")
+    return cfg
+
+
+def _arguments(parser, path, values, where, forbidden=NOT_SETTABLE):
+    """`values` converted by their arguments' types; unknown names are an error naming them."""
     actions = {a.dest: a for a in parser._actions}
-    unknown = sorted(k for k in cfg if k not in actions or k in ("help", "config"))
+    unknown = sorted(k for k in values if k not in actions or k in forbidden)
     if unknown:
-        raise UserError(f"config {path!r}: unknown key(s) {', '.join(unknown)}; keys are argument names with "
-                        f"underscores (e.g. batch_size for --batch-size): fix or remove them "
+        raise UserError(f"config {path!r}: unknown key(s) {', '.join(unknown)}{where}; keys are argument names "
+                        f"with underscores (e.g. batch_size for --batch-size): fix or remove them "
                         f"(`python train.py --help` lists every argument)")
     try:
-        return {k: _convert(actions[k], v) for k, v in cfg.items()}
+        return {k: _convert(actions[k], v) for k, v in values.items()}
     except (TypeError, ValueError) as exc:
         raise UserError(f"config {path!r}: a value has the wrong type ({exc})") from None
 
 
+def _distiller_overrides(parser, path, table):
+    """{distiller: {dest: value}} from a `distiller_overrides` mapping, checked like top-level keys."""
+    choices = next(a.choices for a in parser._actions if a.dest == "distiller")
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise UserError(f"config {path!r}: {OVERRIDES} must map distiller names to mappings of argument names "
+                        f"to values, e.g. {OVERRIDES}: {{ofa: {{ofa_eps: [1.5]}}}}")
+    unknown = sorted(name for name in table if name not in choices)
+    if unknown:
+        raise UserError(f"config {path!r}: {OVERRIDES} names unknown distiller(s) {', '.join(unknown)}; "
+                        f"choose from {', '.join(sorted(choices))}")
+    checked = {}
+    for name, values in table.items():
+        where = f" in {OVERRIDES}.{name}"
+        if "distiller" in values:
+            where += " (an override cannot choose the distiller)"
+        checked[name] = _arguments(parser, path, values, where, NOT_SETTABLE + ("distiller",))
+    return checked
+
+
+def load_config(parser, path, _including=()):
+    """Read a YAML config (and what it includes): ({dest: value}, {distiller: {dest: value}})."""
+    cfg = _read_mapping(path)
+    include = cfg.pop(INCLUDE, None)
+    overrides = _distiller_overrides(parser, path, cfg.pop(OVERRIDES, None) or {})
+    values = _arguments(parser, path, cfg, "")
+    if include is None:
+        return values, overrides
+    base_path = os.path.join(os.path.dirname(path), str(include))
+    chain = _including + (os.path.realpath(path),)
+    if os.path.realpath(base_path) in chain:
+        raise UserError(f"config {path!r}: `{INCLUDE}: {include}` includes itself (through {' -> '.join(chain)})")
+    base_values, base_overrides = load_config(parser, base_path, chain)
+    merged = {name: {**base_overrides.get(name, {}), **overrides.get(name, {})}
+              for name in {**base_overrides, **overrides}}
+    return {**base_values, **values}, merged
+
+
 def parse_args_with_config(parser, argv=None):
-    """Parse `argv`; a `-c/--config FILE` among them sets the defaults first."""
+    """Parse `argv`; a `-c/--config FILE` among them sets the defaults first, then the overrides of the
+    distiller the run uses (given on the command line or by the file)."""
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("-c", "--config", default="")
     known, _ = config_parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_config_defaults(parser, known.config))
+    if not known.config:
+        return parser.parse_args(argv)
+    values, overrides = load_config(parser, known.config)
+    parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    chosen = overrides.get(getattr(args, "distiller", None))
+    if not chosen:
+        return args
+    parser.set_defaults(**chosen)
     return parser.parse_args(argv)
 
 

@@ -42,6 +42,8 @@ def build_parser():
     p.add_argument("--teacher", default="swin_tiny_patch4_window7_224")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--dataset-size", type=int, default=50000,
+                   help="training images the distillers assume (CRD's memory banks); CIFAR-100 has 50,000")
     p.add_argument("-b", "--batch-size", type=int, default=32)
     p.add_argument("--distillers", nargs="+", default=["kd", "rsd"], choices=sorted(set(DISTILLERS) - {"vanilla"}))
     p.add_argument("--steps", type=int, default=10)
@@ -129,7 +131,8 @@ class Configuration:
         size = (3, opts.img_size, opts.img_size)
         context = DistillerContext(
             args=train_args, gt_criterion=torch.nn.CrossEntropyLoss(), num_classes=opts.num_classes,
-            teacher=teacher_model, dataset_size=opts.batch_size, world_size=1,
+            teacher=teacher_model, dataset_size=opts.dataset_size, world_size=1,
+            train_labels=torch.arange(opts.dataset_size) % opts.num_classes,
             student_stages=probe_stages(self.student, size, student_request.stages),
             teacher_stages=probe_stages(teacher_model, size, teacher_request.stages) if teacher_request else {})
         self.distiller = build_distiller(name, self.student, context)
