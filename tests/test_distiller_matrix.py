@@ -3,7 +3,7 @@ at 32 px on CPU, in one process: two training steps each, with mixup where the d
 again under bf16 autocast. Losses must be finite and every extra module (each AAD, projector, branch) must
 get a non-zero gradient. Tiny inputs keep the whole matrix inside CI's budget.
 
-A distiller whose flags need values to run (e.g. stages) gets them from EXTRA_FLAGS.
+The paper's RSD variants (Tables 3, 5, 6, 7) run as their own cases, named `<distiller>:<variant>`.
 """
 import copy
 import functools
@@ -27,7 +27,14 @@ from timm.optim import create_optimizer_v2
 STUDENTS = ["resnet18", "deit_tiny_patch16_224", "swin_pico_patch4_window7_224", "mixer_s16_224"]
 TEACHERS = ["convnext_atto", "vit_tiny_patch16_224"]
 CLASSES, IMG, BATCH = 10, 32, 8
-EXTRA_FLAGS = {}  # distiller name -> extra command-line flags for the matrix
+EXTRA_FLAGS = {}  # distiller name -> flags it needs to run in the matrix (none so far)
+VARIANTS = {  # case name -> (distiller, flags): one flag away, as the README's RSD table lists them
+    "rsd:corr-only": ("rsd", ["--rsd-kappa", "0"]),  # Table 3
+    "rsd:logits": ("rsd", ["--rsd-target", "logits"]),  # Table 5
+    "ofa:rsd-criterion": ("ofa", ["--ofa-criterion", "rsd"]),  # Table 6
+    "rsd:branches": ("rsd", ["--rsd-branch-stage", "1", "2", "3", "4"]),  # Table 7
+    "ofa:logits-only": ("ofa", ["--ofa-stage"]),  # the Table 5 OFA row
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,19 +43,21 @@ def _model(name):
     return create_model(name, num_classes=CLASSES, img_size=IMG, drop_path_rate=0.0)
 
 
-def distillers_under_test():
-    return sorted(set(DISTILLERS) - {"vanilla"})
+def cases():
+    plain = {name: (name, EXTRA_FLAGS.get(name, [])) for name in set(DISTILLERS) - {"vanilla"}}
+    return dict(sorted({**plain, **VARIANTS}.items()))
 
 
-def extra_modules(distiller):
-    """The distiller's own trainable submodules (direct children other than the student)."""
-    return {name: module for name, module in distiller.named_children()
-            if name != "student" and any(p.requires_grad for p in module.parameters())}
+def extra_layers(distiller):
+    """Every module of the distiller outside the student that holds trainable parameters itself (each
+    branch's convs and norms, each AAD layer, each projector)."""
+    return {name: module for name, module in distiller.named_modules()
+            if not name.startswith("student") and any(p.requires_grad for p in module.parameters(recurse=False))}
 
 
-def run_two_steps(name, student_name, teacher_name, mixup, bf16):
+def run_two_steps(name, student_name, teacher_name, mixup, bf16, flags=()):
     argv = ["--distiller", name, "--teacher", teacher_name, "--img-size", str(IMG), "-b", str(BATCH),
-            "--smoothing", "0.1", *EXTRA_FLAGS.get(name, [])]
+            "--smoothing", "0.1", *flags]
     if mixup:
         argv += ["--mixup", "0.8", "--cutmix", "1.0"]
     args = parse_args_with_config(build_train_parser(DISTILLERS), argv)
@@ -78,17 +87,24 @@ def run_two_steps(name, student_name, teacher_name, mixup, bf16):
         assert torch.isfinite(loss), (name, losses)
         for term, value in losses.items():
             assert torch.isfinite(value), (name, term)
-        for module_name, module in extra_modules(distiller).items():
-            grads = [p.grad for p in module.parameters() if p.requires_grad]
+        for module_name, module in extra_layers(distiller).items():
+            grads = [p.grad for p in module.parameters(recurse=False) if p.requires_grad]
             assert any(g is not None and g.abs().sum() > 0 for g in grads), f"{name}: no gradient on {module_name}"
     return losses
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", distillers_under_test())
-def test_every_distiller_trains_on_every_family(name):
+@pytest.mark.parametrize("case", cases())
+def test_every_distiller_trains_on_every_family(case):
+    name, flags = cases()[case]
     supports_mixup = DISTILLERS[name].supports_mixup
     for student_name in STUDENTS:
         for teacher_name in TEACHERS:
             for mixup, bf16 in ((False, False), (supports_mixup, True)):
-                run_two_steps(name, student_name, teacher_name, mixup, bf16)
+                run_two_steps(name, student_name, teacher_name, mixup, bf16, flags)
+
+
+@pytest.mark.slow
+def test_rsd_without_aad_where_the_widths_match():
+    """Table 4: no AAD needs D_s == D_t (DeiT-T and ViT-T are both 192 wide)."""
+    run_two_steps("rsd", "deit_tiny_patch16_224", "vit_tiny_patch16_224", True, True, ["--rsd-no-aad"])

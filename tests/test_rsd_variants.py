@@ -9,7 +9,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import test_distiller_matrix as matrix
 from distillers import DISTILLERS, DistillerContext, build_distiller
 from distillers.rsd import rsd_loss
 from engine.batch import Batch
@@ -100,19 +99,6 @@ def test_rsd_plus_ofa_branches(stages):
         for stage in map(int, stages):
             expected = 0.1 * rsd_loss(d.branches[str(stage)](s.stages[stage]), t.logits, 0.01)
             assert torch.allclose(losses[f"rsd_stage{stage}"], expected, rtol=1e-5)
-
-
-VARIANTS = {"rsd-logits": ("rsd", ["--rsd-target", "logits"]),
-            "rsd-branches": ("rsd", ["--rsd-branch-stage", "2", "3", "4"]),
-            "ofa-rsd": ("ofa", ["--ofa-criterion", "rsd"])}
-
-
-@pytest.mark.parametrize("student", ["resnet18", "swin_pico_patch4_window7_224"])
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_variant_trains_under_bf16_with_mixup(variant, student, monkeypatch):
-    name, flags = VARIANTS[variant]
-    monkeypatch.setitem(matrix.EXTRA_FLAGS, name, flags)
-    matrix.run_two_steps(name, student, "convnext_atto", mixup=True, bf16=True)
 
 
 GLOBAL_BATCH_VARIANTS = (["rsd", "--rsd-target", "logits"], ["rsd", "--rsd-branch-stage", "3", "4"],
