@@ -16,6 +16,11 @@ from torch import nn
 from engine.features import FeatureRequest, extract_features
 
 
+def at_least_fp32(x):
+    """`x` in fp32, or fp64 when it already is: the precision every loss computes in, even under autocast."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass
 class DistillerContext:
     """What a distiller is built with, besides the student."""

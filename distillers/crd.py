@@ -43,7 +43,7 @@ from engine.errors import UserError
 from engine.features import FeatureRequest
 from engine.models import embedding_dim
 
-from .base import Distiller
+from .base import Distiller, at_least_fp32
 from .registry import register_distiller
 
 
@@ -60,7 +60,7 @@ def crd_loss(student_scores, teacher_scores, z, num_data, temperature=0.07, eps=
 
 
 def _nce_loss(scores, z, num_data, temperature, eps):
-    scores = scores if scores.dtype == torch.float64 else scores.float()
+    scores = at_least_fp32(scores)
     noise = (scores.shape[1] - 1) / num_data
     log_h = scores / temperature - torch.log(torch.as_tensor(z, dtype=scores.dtype, device=scores.device))
     log_denominator = torch.logaddexp(log_h, torch.full_like(log_h, math.log(noise + eps)))

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from engine.distributed import gather_no_grad, gather_with_grad
 from engine.features import FeatureRequest
 
-from .base import Distiller
-from .kd import at_least_fp32
+from .base import Distiller, at_least_fp32
 from .registry import register_distiller
 
 PEARSON_EPS = 1e-8  # added to the product of the norms, as the reference

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from engine.features import FeatureRequest
 
-from .base import Distiller
-from .kd import at_least_fp32
+from .base import Distiller, at_least_fp32
 from .registry import register_distiller
 
 TARGET_MASK = 1000.0  # subtracted from the target logit (after dividing by T) to leave it out of NCKD's softmax

@@ -6,18 +6,12 @@ BKD: every student logit read as an independent sigmoid, trained with binary cro
 Both are scaled by --kd-loss-weight and share --kd-temperature. The loss math runs in fp32 (fp64 stays fp64),
 so bf16 student logits under autocast never reach a log.
 """
-import torch
 import torch.nn.functional as F
 
 from engine.features import FeatureRequest
 
-from .base import Distiller
+from .base import Distiller, at_least_fp32
 from .registry import register_distiller
-
-
-def at_least_fp32(x):
-    """`x` in fp32, or fp64 when it already is: the precision every logit loss computes in."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def kd_loss(logits_student, logits_teacher, temperature):

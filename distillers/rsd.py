@@ -18,7 +18,7 @@ from engine.errors import UserError
 from engine.features import FeatureRequest
 from engine.models import embedding_dim
 
-from .base import Distiller
+from .base import Distiller, at_least_fp32
 from .branches import StageBranches
 from .registry import register_distiller
 
@@ -30,17 +30,13 @@ def standardise(x):
     return (x - x.mean(dim=0)) / (x.std(dim=0, unbiased=False) + STANDARDISE_EPS)
 
 
-def _at_least_fp32(x):
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def rsd_loss(student_feats, teacher_feats, kappa):
     """Invariance term on C's diagonal plus kappa times the redundancy (off-diagonal) term; a sum.
 
     Computed in fp32 (or fp64) even under autocast: C is a sum over the batch of products.
     """
     with torch.autocast(student_feats.device.type, enabled=False):
-        return _rsd_loss_fp32(_at_least_fp32(student_feats), _at_least_fp32(teacher_feats), kappa)
+        return _rsd_loss_fp32(at_least_fp32(student_feats), at_least_fp32(teacher_feats), kappa)
 
 
 def _rsd_loss_fp32(student_feats, teacher_feats, kappa):
