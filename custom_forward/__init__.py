@@ -7,7 +7,8 @@ that turns timm's single pass into that layout. Shapes are never written here: `
 finds them by a dry run.
 
 Facts, checked against the paper's code:
-- ResNet: indices 1-4 (index 0 is the stem). ConvNeXt: 0-3.
+- ResNet: indices 1-4 (index 0 is the stem). ConvNeXt: 0-3. The CIFAR ResNets of RichKD/CRD (3 stages):
+  the stem output and the 3 stage outputs, indices 0-3, as mdistiller orders their features.
 - MobileNetV2 (timm's EfficientNet class): stages 1-3 are the stage outputs at strides 4/8/16 (24/32/96
   channels at width 1.0), indices 1-3; stage 4 is the 1280-channel map after the final 1x1 conv, i.e. the
   final features, not the 320-channel block output.
@@ -31,6 +32,7 @@ from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+from custom_model.cifar_resnet import CifarResNet
 from engine.errors import UserError
 
 FINAL = "final"  # stage index meaning "the model's final features" (MobileNetV2 stage 4)
@@ -77,6 +79,7 @@ class Family:
 
 FAMILIES = {
     ResNet: Family("cnn", lambda m: (1, 2, 3, 4), nchw_maps),
+    CifarResNet: Family("cnn", lambda m: (0, 1, 2, 3), nchw_maps),  # stem, then its 3 stages (mdistiller's order)
     ConvNeXt: Family("cnn", lambda m: (0, 1, 2, 3), nchw_maps),
     EfficientNet: Family("cnn", lambda m: (1, 2, 3, FINAL), nchw_maps),
     SwinTransformer: Family("token", lambda m: (0, 1, 2, 3), maps_as_tokens),

@@ -2,4 +2,4 @@
 
 After `import custom_model`, `timm.create_model(name)` and every `--model`/`--teacher` flag accept them.
 """
-from . import demo_models, swin_small_variants  # noqa: F401
+from . import cifar_resnet, demo_models, swin_small_variants  # noqa: F401

@@ -2,4 +2,4 @@
 from .base import Distiller, DistillerContext  # noqa: F401
 from .registry import DISTILLERS, build_distiller, get_distiller_class, register_distiller  # noqa: F401
 from . import (vanilla, kd, dkd, dist, rsd, ofa, fitnet, correlation, rkd,  # noqa: F401,E402  (importing
-               crd)  # registers them)
+               crd, richkd)  # registers them)

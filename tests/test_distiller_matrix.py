@@ -27,7 +27,8 @@ from timm.optim import create_optimizer_v2
 STUDENTS = ["resnet18", "deit_tiny_patch16_224", "swin_pico_patch4_window7_224", "mixer_s16_224"]
 TEACHERS = ["convnext_atto", "vit_tiny_patch16_224"]
 CLASSES, IMG, BATCH = 10, 32, 8
-EXTRA_FLAGS = {}  # distiller name -> flags it needs to run in the matrix (none so far)
+EXTRA_FLAGS = {"richkd": ["--dataset", "synthetic", "--richkd-source", "convnext_demo_32", "--richkd-source-pretrained",
+                          __file__.rsplit("tests", 1)[0] + "pretrained/convnext_demo_32_fmnist.pth"]}
 VARIANTS = {  # case name -> (distiller, flags): one flag away, as the README's RSD table lists them
     "rsd:corr-only": ("rsd", ["--rsd-kappa", "0"]),  # Table 3
     "rsd:logits": ("rsd", ["--rsd-target", "logits"]),  # Table 5
