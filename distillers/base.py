@@ -33,6 +33,7 @@ class DistillerContext:
     dataset_size: int = 0  # training samples (memory banks keyed by dataset index)
     train_labels: Optional[torch.Tensor] = None  # class of each training sample, by dataset index (int64)
     world_size: int = 1
+    student_data_config: Optional[dict] = None  # timm's data config of the student's input: mean, std, input_size
 
 
 class Distiller(nn.Module):

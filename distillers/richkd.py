@@ -21,26 +21,20 @@ both this stands in for the source's output on the mixed image, which was never 
 """
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from engine.cache import SourceCache, mix_like_images
-from engine.datasets import CIFAR100_MEAN, CIFAR100_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from engine.errors import UserError
 from engine.features import FeatureRequest, Features
 from engine.models import create_model, embedding_dim, load_weights
 from engine.teacher import FrozenSource, InputSpec
 
-from .base import Distiller
+from .base import Distiller, at_least_fp32
 from .crd import CRD, L2Embedding
-from .kd import at_least_fp32, kd_loss
+from .kd import kd_loss
 from .registry import register_distiller
 
 MODES = ("L", "F", "LF")
-# Each dataset kind's normalisation (engine/datasets.py; synthetic data is made with 0.5/0.25): the student's
-# input statistics when --mean/--std are not given, which a live source's remapping starts from.
-DATASET_STATS = {"cifar100": (CIFAR100_MEAN, CIFAR100_STD), "fashion_mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
-                 "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), "synthetic": ((0.5,) * 3, (0.25,) * 3)}
 
 
 def fuse(teacher, source, alpha):
@@ -100,17 +94,12 @@ class LiveSource:
             return self.frozen(batch.images)
 
 
-def live_source_inputs(args, student):
+def live_source_inputs(args, data_config):
     """(the student's InputSpec, the live source's): --richkd-source-mean/std/img-size default to the student's."""
-    stats = DATASET_STATS.get(args.dataset)
-    if stats is None and not (args.mean and args.std):
-        raise UserError(f"--richkd-source needs the student's input statistics: pass --mean/--std or --dataset "
-                        f"(one of {', '.join(DATASET_STATS)})")
-    mean, std = args.mean or stats[0], args.std or stats[1]
-    size = args.img_size or (args.input_size or student.pretrained_cfg["input_size"])[-1]
-    student_input = InputSpec.of(mean, std, size)
-    return student_input, InputSpec.of(args.richkd_source_mean or mean, args.richkd_source_std or std,
-                                       args.richkd_source_img_size or size)
+    student_input = InputSpec.of(data_config["mean"], data_config["std"], data_config["input_size"])
+    return student_input, InputSpec.of(args.richkd_source_mean or student_input.mean,
+                                       args.richkd_source_std or student_input.std,
+                                       args.richkd_source_img_size or student_input.size)
 
 
 def build_second_source(args, student, context, request):
@@ -128,7 +117,7 @@ def build_second_source(args, student, context, request):
     if not args.richkd_source_pretrained:
         raise UserError(f"--richkd-source {args.richkd_source} needs --richkd-source-pretrained PATH (its trained "
                         f"checkpoint); a randomly initialised source teaches nothing")
-    student_input, source_input = live_source_inputs(args, student)
+    student_input, source_input = live_source_inputs(args, context.student_data_config)
     model = create_model(args.richkd_source, num_classes=context.num_classes, img_size=source_input.size[0])
     load_weights(model, args.richkd_source_pretrained, args.richkd_source, role="second source")
     return LiveSource(FrozenSource(model, request, args.device, args.teacher_precision, student_input=student_input,

@@ -155,7 +155,7 @@ def build_distiller_for(args, env, student, teacher_model, data, mixup):
     context = DistillerContext(
         args=args, gt_criterion=ground_truth_criterion(args, mixup), num_classes=args.num_classes,
         teacher=teacher_model, dataset_size=data.train_size, train_labels=data.train_labels,
-        world_size=env.world_size,
+        world_size=env.world_size, student_data_config=data.config,
         student_stages=probe_stages(student, student_size, student_request.stages),
         teacher_stages=probe_stages(teacher_model, teacher_size, teacher_request.stages) if teacher_request else {})
     return build_distiller(args.distiller, student, context)

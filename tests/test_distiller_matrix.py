@@ -70,7 +70,8 @@ def run_two_steps(name, student_name, teacher_name, mixup, bf16, flags=()):
         args=args, gt_criterion=ground_truth_criterion(args, mix), num_classes=CLASSES, teacher=teacher_model,
         student_stages=probe_stages(student, (3, IMG, IMG), student_request.stages),
         teacher_stages=probe_stages(teacher_model, (3, IMG, IMG), teacher_request.stages),
-        dataset_size=4 * BATCH, train_labels=torch.arange(4 * BATCH) % CLASSES, world_size=1)
+        dataset_size=4 * BATCH, train_labels=torch.arange(4 * BATCH) % CLASSES, world_size=1,
+        student_data_config={"mean": (0.5,) * 3, "std": (0.25,) * 3, "input_size": (3, IMG, IMG)})
     distiller = build_distiller(name, student, context).train()
     teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu", "bf16" if bf16 else "fp32")
     optimizer = create_optimizer_v2(distiller, opt="sgd", lr=0.01, momentum=0.9)

@@ -111,7 +111,8 @@ def richkd_args(*flags):
 def make_richkd(args, labels=LABELS):
     torch.manual_seed(0)
     context = DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=N_CLASSES,
-                               teacher=Stub(D_T), dataset_size=len(labels), train_labels=labels)
+                               teacher=Stub(D_T), dataset_size=len(labels), train_labels=labels,
+                               student_data_config={"mean": (0.5,) * 3, "std": (0.25,) * 3, "input_size": (3, 32, 32)})
     return build_distiller("richkd", Stub(D_S), context)
 
 
@@ -206,8 +207,6 @@ def test_start_up_errors_say_what_to_do(tmp_path):
         make_richkd(richkd_args("--richkd-cache", cache), labels=LABELS.roll(1))
     with pytest.raises(UserError, match="not found"):
         make_richkd(richkd_args("--richkd-cache", str(tmp_path / "missing")))
-    with pytest.raises(UserError, match="student's input statistics"):
-        make_richkd(richkd_args("--richkd-source", "resnet18", "--richkd-source-pretrained", "unused.pth"))
     partial = CacheWriter(tmp_path / "half", dataset_identity(LABELS, ["a", "b", "c"]), {}, {"logits": N_CLASSES})
     partial.write({"logits": np.zeros((2, N_CLASSES))})
     with pytest.raises(UserError, match="unfinished"):
