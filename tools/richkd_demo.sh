@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# RichKD (L) on the offline demo, next to KD with the same recipe (configs/demo/rsd.yaml, 4 epochs):
+#   1. a second source of another family (the CIFAR ResNet-8x4, a ResNet) trained on Fashion-MNIST with
+#      train.py (SOURCE_EPOCHS epochs, no teacher);
+#   2. its logits over the clean training set cached by tools/build_cache.py;
+#   3. the demo student distilled by KD, and by RichKD (L) fusing the shipped ConvNeXt teacher with the cache,
+#      run side by side, one core each.
+# Prints each run's summary line. OUT (default output/richkd_demo) holds every run; finished steps are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-output/richkd_demo}
+SOURCE_EPOCHS=${SOURCE_EPOCHS:-2}
+mkdir -p "$OUT"
+
+if [ ! -f "$OUT/source/student_last.pth" ]; then
+    python3 train.py -c configs/demo/teacher.yaml --model cifar_resnet8x4 --epochs "$SOURCE_EPOCHS" \
+        --output "$OUT" --experiment source
+fi
+if [ ! -d "$OUT/cache" ]; then
+    python3 tools/build_cache.py --dataset fashion_mnist --img-size 32 --source cifar_resnet8x4 \
+        --weights "$OUT/source/student_last.pth" --store logits --output "$OUT/cache"
+fi
+run() {  # name, extra train.py flags
+    [ -f "$OUT/$1/last.pth.tar" ] && return 0
+    OMP_NUM_THREADS=1 python3 train.py -c configs/demo/rsd.yaml --output "$OUT" --experiment "$1" "${@:2}" \
+        > "$OUT/$1.log" 2>&1
+}
+run kd --distiller kd &
+run richkd_L --distiller richkd --richkd-mode L --richkd-cache "$OUT/cache" &
+wait
+grep -h "Done:" "$OUT/source/log.txt" "$OUT/kd/log.txt" "$OUT/richkd_L/log.txt"
