@@ -94,14 +94,6 @@ class LiveSource:
             return self.frozen(batch.images)
 
 
-def live_source_inputs(args, data_config):
-    """(the student's InputSpec, the live source's): --richkd-source-mean/std/img-size default to the student's."""
-    student_input = InputSpec.of(data_config["mean"], data_config["std"], data_config["input_size"])
-    return student_input, InputSpec.of(args.richkd_source_mean or student_input.mean,
-                                       args.richkd_source_std or student_input.std,
-                                       args.richkd_source_img_size or student_input.size)
-
-
 def build_second_source(args, student, context, request):
     """A CachedSource (--richkd-cache) or a LiveSource (--richkd-source), checked against the run."""
     needs = [k for k, wanted in (("logits", request.logits), ("embedding", request.embedding)) if wanted]
@@ -117,7 +109,9 @@ def build_second_source(args, student, context, request):
     if not args.richkd_source_pretrained:
         raise UserError(f"--richkd-source {args.richkd_source} needs --richkd-source-pretrained PATH (its trained "
                         f"checkpoint); a randomly initialised source teaches nothing")
-    student_input, source_input = live_source_inputs(args, context.student_data_config)
+    student_input = InputSpec.of_data_config(context.student_data_config)  # --richkd-source-* default to it
+    source_input = student_input.with_overrides(args.richkd_source_mean, args.richkd_source_std,
+                                                args.richkd_source_img_size)
     model = create_model(args.richkd_source, num_classes=context.num_classes, img_size=source_input.size[0])
     load_weights(model, args.richkd_source_pretrained, args.richkd_source, role="second source")
     return LiveSource(FrozenSource(model, request, args.device, args.teacher_precision, student_input=student_input,

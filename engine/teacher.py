@@ -21,6 +21,15 @@ class InputSpec:
     size: Tuple[int, int]
 
     @classmethod
+    def of_data_config(cls, config):
+        """A model's input as timm's data config describes it (mean, std, input_size)."""
+        return cls.of(config["mean"], config["std"], config["input_size"])
+
+    def with_overrides(self, mean=None, std=None, size=None):
+        """This spec with any of mean, std, size replaced (flags left unset keep the student's)."""
+        return InputSpec.of(mean or self.mean, std or self.std, size or self.size)
+
+    @classmethod
     def of(cls, mean, std, size):
         size = (size, size) if isinstance(size, int) else tuple(size)[-2:]
         if any(s <= 0 for s in std):
@@ -95,23 +104,17 @@ class FrozenSource:
                 return self.model(images).float()
 
 
-def teacher_input_spec(args, student_input):
-    """The teacher's InputSpec from --teacher-mean/--teacher-std/--teacher-img-size, each defaulting to the
-    student's."""
-    return InputSpec.of(getattr(args, "teacher_mean", None) or student_input.mean,
-                        getattr(args, "teacher_std", None) or student_input.std,
-                        getattr(args, "teacher_img_size", None) or student_input.size)
-
-
 def build_frozen_teacher(args, teacher_model, request, device, student_data_config):
     """The frozen teacher of a run: its precision (args.teacher_precision, already resolved or 'auto'),
     its input spec from the teacher flags, channels_last and compile as for the student."""
-    student_input = InputSpec.of(student_data_config["mean"], student_data_config["std"],
-                                 student_data_config["input_size"])
+    student_input = InputSpec.of_data_config(student_data_config)
+    teacher_input = student_input.with_overrides(getattr(args, "teacher_mean", None),
+                                                 getattr(args, "teacher_std", None),
+                                                 getattr(args, "teacher_img_size", None))
     if getattr(args, "channels_last", False):
         teacher_model.to(memory_format=torch.channels_last)
     return FrozenSource(teacher_model, request, device, args.teacher_precision, student_input=student_input,
-                        source_input=teacher_input_spec(args, student_input), compile=args.compile)
+                        source_input=teacher_input, compile=args.compile)
 
 
 def build_teacher_model(args, num_classes, img_size):
