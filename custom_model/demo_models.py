@@ -1,15 +1,31 @@
 """Small-input (32 px) members of two paper families for the offline demo on Fashion-MNIST.
 
-- `convnext_demo_32`: ConvNeXt (the teacher family of ConvNeXt-T -> DeiT-T), 2 px patch stem (timm then
-  strides stage 0 too), stages at 8/4/2/1 px, dims (32, 64, 128, 256), depths (2, 2, 4, 2); 1.9M parameters
-  at 10 classes.
+- `convnext_demo_32`: ConvNeXt (the teacher family of ConvNeXt-T -> DeiT-T), 2 px patch stem and an unstrided
+  stage 0, so the stages run at 16/8/4/2 px; dims (32, 64, 128, 256), depths (2, 2, 4, 2); 1,901,802
+  parameters at 10 classes.
 - `deit_demo_32`: DeiT/ViT (the student family), patch 4 (8x8 tokens + class token), width 96, depth 4,
   3 heads; 0.46M parameters at 10 classes.
 Both keep timm's forward_intermediates()/forward_head(), so every distiller works on them unchanged.
 """
+from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
+
+
+class ConvNeXtFineStem(ConvNeXt):
+    """ConvNeXt with a 2 px patch stem whose first stage keeps the stem's resolution.
+
+    timm strides stage 0 whenever the stem's stride is 2 (so that stage 0 always ends at 1/4 of the input);
+    Fashion-MNIST's small garments need the finer maps, so this builds timm's unstrided stage 0 (stem stride 4)
+    and then swaps the stem's 4 px patch conv for a 2 px one: stages at 1/2, 1/4, 1/8 and 1/16 of the input.
+    """
+
+    def __init__(self, in_chans=3, dims=(96, 192, 384, 768), **kwargs):
+        super().__init__(in_chans=in_chans, dims=dims, patch_size=4, **kwargs)
+        self.stem[0] = nn.Conv2d(in_chans, dims[0], kernel_size=2, stride=2)
+        for info in self.feature_info:
+            info["reduction"] //= 2
 
 
 def _cfg(**kwargs):
@@ -26,8 +42,8 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def convnext_demo_32(pretrained=False, **kwargs):
-    model_args = dict(depths=(2, 2, 4, 2), dims=(32, 64, 128, 256), patch_size=2)
-    return build_model_with_cfg(ConvNeXt, "convnext_demo_32", pretrained,
+    model_args = dict(depths=(2, 2, 4, 2), dims=(32, 64, 128, 256))
+    return build_model_with_cfg(ConvNeXtFineStem, "convnext_demo_32", pretrained,
                                 feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
                                 **dict(model_args, **kwargs))
 

@@ -62,6 +62,49 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
+class ClassBalancedSubset(Dataset):
+    """A fixed subset of a training set holding the same number of images of every class.
+
+    The subset depends only on (size, selection seed), never on the run's --seed, so runs that differ in seed
+    train on the same images; dataset indices are positions in the subset (caches are built on it alike).
+    """
+
+    def __init__(self, dataset, size, seed=0):
+        labels = dataset_labels(dataset)
+        num_classes = dataset.num_classes
+        if not 0 < size <= len(labels):
+            raise UserError(f"--train-subset {size} must lie between 1 and the training set's {len(labels)} images")
+        generator = torch.Generator().manual_seed(seed)
+        chosen = []
+        for cls in range(num_classes):  # the first (size % classes) classes take one image more
+            wanted = size // num_classes + (1 if cls < size % num_classes else 0)
+            members = torch.nonzero(labels == cls).flatten()
+            if len(members) < wanted:
+                raise UserError(f"--train-subset {size} needs {wanted} images of class {cls}, the training set has "
+                                f"{len(members)}; lower --train-subset")
+            chosen.append(members[torch.randperm(len(members), generator=generator)[:wanted]])
+        self.indices = torch.sort(torch.cat(chosen)).values
+        self.dataset, self.labels = dataset, labels[self.indices].numpy()
+        self.num_classes, self.mean, self.std = num_classes, dataset.mean, dataset.std
+        self.source = f"{dataset.source}, class-balanced subset of {size} (selection seed {seed})"
+        if hasattr(dataset, "classes"):
+            self.classes = dataset.classes
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform):
+        self.dataset.transform = transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[int(self.indices[index])]
+
+
 def dataset_labels(dataset):
     """The class of every sample, by dataset index, as an int64 tensor (without reading any image)."""
     labels = dataset.labels if hasattr(dataset, "labels") else dataset.targets  # ours / torchvision's ImageFolder
@@ -203,7 +246,15 @@ def infer_dataset_kind(root):
 
 
 def build_dataset(kind, root, split, args):
-    """Return the `split` ('train' or 'val') dataset of `kind`, with no transform attached yet."""
+    """Return the `split` ('train' or 'val') dataset of `kind`, with no transform attached yet; the training
+    split is cut to a class-balanced subset when `args.train_subset` is set."""
+    dataset = _read_split(kind, root, split, args)
+    if split == "train" and getattr(args, "train_subset", None):
+        return ClassBalancedSubset(dataset, args.train_subset, getattr(args, "train_subset_seed", 0))
+    return dataset
+
+
+def _read_split(kind, root, split, args):
     if kind == "synthetic":  # unset sizes and seed (None) take the defaults the flags' help names
         size = (args.synthetic_train_size or 512) if split == "train" else (args.synthetic_val_size or 128)
         return make_synthetic(split, size, args.num_classes or 10, seed=args.synthetic_seed or 0)
