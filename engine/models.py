@@ -11,19 +11,30 @@ from .errors import UserError
 
 
 def create_model(name, num_classes, img_size=None, **kwargs):
-    """timm.create_model with `img_size` passed only to architectures that take it."""
+    """timm.create_model; an option the architecture lacks is left out when it asks for nothing (`img_size`,
+    a zero drop rate) and refused with a UserError otherwise."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise UserError(f"unknown model {name!r}; timm names such as {', '.join(close) or 'resnet18'} "
                         f"(python -c \"import timm; print(timm.list_models('*vit*'))\" lists them)")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if img_size:
+        kwargs["img_size"] = img_size
+    while True:
+        try:
+            return _create_timm_model(name, num_classes, kwargs)
+        except TypeError as exc:  # an architecture without that option: fine when the option asks for nothing
+            unsupported = next((k for k in kwargs if f"'{k}'" in str(exc)), None)
+            if unsupported is None:
+                raise
+            if unsupported != "img_size" and kwargs[unsupported]:
+                raise UserError(f"model {name!r} has no option {unsupported}={kwargs[unsupported]!r}; drop the "
+                                f"flag that sets it (e.g. --drop-path for drop_path_rate) or set it to 0") from None
+            del kwargs[unsupported]
+
+
+def _create_timm_model(name, num_classes, kwargs):
     try:
-        if img_size:
-            try:
-                return timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
-            except TypeError as exc:
-                if "img_size" not in str(exc):
-                    raise
         return timm.create_model(name, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         if not kwargs.get("pretrained"):
