@@ -5,18 +5,23 @@ Accepts this repo's training checkpoints (last/best.pth.tar, student_*.pth expor
 state dicts:
     python validate.py data/cifar100 --dataset cifar100 --num-classes 100 \
         --model swin_tiny_patch4_window7_224 --checkpoint pretrained/swin_tiny_patch4_window7_224_cifar100.pth
-Model name, class count and input size default to those stored in our training checkpoints.
+Model name, class count, input size and --model-kwargs default to those stored in our training checkpoints.
+`--results-file scores.csv` (or .json) also writes the printed record to a file, one row per model.
 """
 import argparse
+import csv
+import io
 import json
+import os
 
 import torch
-from torch.utils.data import DataLoader
+from timm.utils import ParseKwargs
 
+from engine.checkpoint import atomic_write_text
 from engine.datasets import build_dataset, infer_dataset_kind
 from engine.distributed import DistEnv
 from engine.errors import UserError, exit_cleanly_on_user_error
-from engine.loader import build_eval_transform, resolve_data_settings
+from engine.loader import build_eval_loader, resolve_data_settings
 from engine.loop import evaluate
 from engine.models import count_parameters, create_model, load_weights, read_checkpoint
 from engine.precision import AMP_DTYPES, autocast_context, default_device
@@ -29,22 +34,56 @@ def build_parser():
     p.add_argument("--model", default="", help="timm model name (default: the checkpoint's)")
     p.add_argument("--checkpoint", required=True, help="weights to score")
     p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else the dataset's")
+    p.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="extra keyword arguments of the model's timm constructor (default: the checkpoint's)")
     p.add_argument("--use-ema", action="store_true", help="score the EMA weights of a training checkpoint")
     p.add_argument("--device", default=default_device())
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
     p.add_argument("--amp-dtype", default="bfloat16", choices=tuple(AMP_DTYPES))
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
+    p.add_argument("--results-file", default="", metavar="PATH",
+                   help="also write the results to PATH: CSV or JSON, by its extension (.csv, .json)")
     return p
 
 
+RESULTS_FORMATS = (".csv", ".json")
+
+
+def check_results_file(path):
+    """Refuse a --results-file that could not be written, before anything is evaluated."""
+    if not path:
+        return
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in RESULTS_FORMATS:
+        raise UserError(f"--results-file {path!r} must end in {' or '.join(RESULTS_FORMATS)} (the format is "
+                        f"chosen by the extension)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--results-file {path!r}: folder {folder!r} does not exist; create it or pick another path")
+
+
+def write_results(rows, path):
+    """`rows` (one dict per model) as CSV or JSON, by the extension of `path`, written atomically."""
+    if path.lower().endswith(".json"):
+        text = json.dumps(rows, indent=2) + "\n"
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
+    atomic_write_text(text, path)
+
+
 def _fill_from_checkpoint(args, checkpoint):
-    """Model name, class count and input size recorded in our training checkpoints, unless given."""
+    """Model name, class count, input size and model kwargs recorded in our training checkpoints, unless given."""
     recorded = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
     args.model = args.model or recorded.get("model", "")
     if not args.model:
         raise UserError(f"{args.checkpoint!r} does not record its architecture; pass --model NAME")
     if recorded.get("model") == args.model:
         for key in ("num_classes", "img_size", "crop_pct", "interpolation", "mean", "std", "synthetic_val_size",
-                    "synthetic_seed"):
+                    "synthetic_seed", "model_kwargs"):
             if getattr(args, key) in (None, "") and recorded.get(key) not in (None, ""):
                 setattr(args, key, recorded[key])
         args.dataset = args.dataset or recorded.get("dataset", "")
@@ -53,25 +92,34 @@ def _fill_from_checkpoint(args, checkpoint):
 @exit_cleanly_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_results_file(args.results_file)
     checkpoint = read_checkpoint(args.checkpoint)
     _fill_from_checkpoint(args, checkpoint)
     kind = args.dataset or infer_dataset_kind(args.data_dir)
     dataset = build_dataset(kind, args.data_dir, "val", args)
     num_classes = args.num_classes or dataset.num_classes
-    model = create_model(args.model, num_classes=num_classes, img_size=args.img_size)
+    try:
+        model = create_model(args.model, num_classes=num_classes, img_size=args.img_size, **(args.model_kwargs or {}))
+    except TypeError as exc:
+        if not args.model_kwargs:
+            raise
+        raise UserError(f"--model-kwargs {args.model_kwargs} rejected by {args.model} ({exc})") from None
     load_weights(model, args.checkpoint, args.model, use_ema=args.use_ema, checkpoint=checkpoint)
     env = DistEnv(device=torch.device(args.device))
     model.to(env.device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     data_config = resolve_data_settings(args, model, dataset)
-    dataset.transform = build_eval_transform(data_config)
-    loader = DataLoader(dataset, batch_size=args.validation_batch_size or args.batch_size,
-                        num_workers=args.workers, pin_memory=env.device.type == "cuda")
-    metrics = evaluate(model, loader, env, autocast_context(args, env.device))
-    print(json.dumps({"model": args.model, "checkpoint": args.checkpoint, "dataset": kind,
-                      "num_samples": len(dataset), "top1": round(metrics["top1"], 3),
-                      "top5": round(metrics["top5"], 3), "loss": round(metrics["loss"], 4),
-                      "param_count": count_parameters(model), "img_size": data_config["input_size"][-1],
-                      "use_ema": args.use_ema}), flush=True)
+    loader = build_eval_loader(dataset, data_config, args.validation_batch_size or args.batch_size, args.workers,
+                               env.device)
+    metrics = evaluate(model, loader, env, autocast_context(args, env.device), args.channels_last)
+    record = {"model": args.model, "checkpoint": args.checkpoint, "dataset": kind, "num_samples": len(dataset),
+              "top1": round(metrics["top1"], 3), "top5": round(metrics["top5"], 3), "loss": round(metrics["loss"], 4),
+              "param_count": count_parameters(model), "img_size": data_config["input_size"][-1],
+              "use_ema": args.use_ema}
+    print(json.dumps(record), flush=True)
+    if args.results_file:
+        write_results([record], args.results_file)
     return metrics
 
 

@@ -41,6 +41,11 @@ def atomic_save(obj, path):
     _write_atomically(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_text(text, path):
+    """Write `text` to `path`; a reader sees the old file or the complete new one."""
+    _write_atomically(path, lambda f: f.write(text.encode()))
+
+
 def atomic_copy(src, dst):
     with open(src, "rb") as source:
         _write_atomically(dst, lambda f: shutil.copyfileobj(source, f))
@@ -112,15 +117,17 @@ def training_state(run, epoch, rng_states):
     }
 
 
-def restore_training_state(ckpt, run):
-    """Load a checkpoint's states into the built run; returns whether this process's RNG state was restored
-    (it is not when the process count changed since the checkpoint was written)."""
+def restore_training_state(ckpt, run, optimizer_state=True):
+    """Load a checkpoint's states into the built run (the optimizer's, scheduler's and scaler's only with
+    `optimizer_state`); returns whether this process's RNG state was restored (it is not when the process
+    count changed since the checkpoint was written)."""
     run.student.load_state_dict(ckpt["state_dict"])
     run.distiller.load_extra_state_dict(ckpt["distiller_extra"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    if run.scaler is not None and ckpt["scaler"] is not None:
-        run.scaler.load_state_dict(ckpt["scaler"])
+    if optimizer_state:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        if run.scaler is not None and ckpt["scaler"] is not None:
+            run.scaler.load_state_dict(ckpt["scaler"])
     for ema, state in zip(run.emas, ckpt["ema_states"]):
         ema.load_state_dict(state)
     states = ckpt["rng"]

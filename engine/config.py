@@ -127,7 +127,7 @@ def save_args_yaml(args, path):
 # What a resumed run may change; everything else comes from the run's checkpoint and must agree if given.
 RESUME_MAY_CHANGE = ("epochs", "workers", "log_interval", "data_dir", "teacher_pretrained", "no_eval_teacher",
                      "validation_batch_size")
-_PER_LAUNCH = ("resume", "config", "local_rank")
+_PER_LAUNCH = ("resume", "config", "local_rank", "no_resume_opt")
 
 
 def explicit_arguments(parser, argv=None):
@@ -157,5 +157,6 @@ def resumed_arguments(parser, argv, recorded):
                         f"{may_change} may change")
     defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
     merged = {**defaults, **recorded}  # flags added since the checkpoint was written take their defaults
-    merged.update({name: value for name, value in given.items() if name in RESUME_MAY_CHANGE + _PER_LAUNCH})
+    merged.update({name: value for name, value in given.items() if name in RESUME_MAY_CHANGE})
+    merged.update({name: given.get(name, defaults[name]) for name in _PER_LAUNCH})  # this launch's, not the run's
     return argparse.Namespace(**merged)

@@ -105,7 +105,7 @@ def train_one_epoch(run, epoch):
                                   scaler=run.scaler, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                                   params=params)
         for ema in run.emas:
-            ema.update(run.student, step=progress.global_step)
+            ema.update(run.student, step=progress.global_step + 1)  # timm counts this update: the first copies
         progress.global_step += 1
         run.scheduler.step_update(num_updates=progress.global_step)
         tracker.add({"loss": loss, **losses})
@@ -149,7 +149,10 @@ def eval_mode(module):
 @torch.inference_mode()
 def evaluate(predict, loader, env, autocast=contextlib.nullcontext, channels_last=False):
     """Top-1, top-5 (%) and mean cross-entropy of `predict(images) -> logits` over this process's shard,
-    summed exactly over processes. A module is evaluated in eval mode, and left in the mode it had."""
+    summed exactly over processes. A module is evaluated in eval mode, and left in the mode it had.
+
+    timm provides the per-batch `accuracy`, used here; its train.py's validation averages each process's mean
+    instead (`reduce_tensor`), which is off when shards differ in size or are padded, so hits are counted."""
     totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss sum, top1 hits, top5 hits, count
     with eval_mode(predict) if isinstance(predict, torch.nn.Module) else contextlib.nullcontext():
         for images, targets in loader:

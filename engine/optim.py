@@ -9,6 +9,8 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_layer
 
 from .errors import UserError
 
+DEFAULT_LR = 0.05  # when neither --lr nor --lr-base is given
+
 
 class _ExtraParameters:
     """The distiller's trainable parameters outside the student, in the shape timm's group helpers read."""
@@ -64,3 +66,27 @@ def build_optimizer(distiller, args):
     except ValueError as exc:  # e.g. timm's 'sgd' is Nesterov, which refuses --momentum 0
         raise UserError(f"optimizer settings rejected ({exc}); check --opt {args.opt} with --momentum/--lr/"
                         f"--weight-decay (for SGD without momentum use --opt momentum --momentum 0)") from None
+
+
+def resolve_lr(args, world_size):
+    """Set `args.lr` when --lr is not given, and return how it was chosen (for the start-up log).
+
+    timm's rule: lr = lr_base * ratio, with ratio = global batch / lr_base_size taken as it is (linear) or as its
+    square root (sqrt, the default for Ada*/LAMB optimizers). The global batch counts every process and every
+    gradient-accumulation step. The resolved value (and scale) stay in `args`, so args.yaml records them.
+    """
+    if args.lr is not None:
+        return "--lr"
+    if args.lr_base is None:
+        args.lr = DEFAULT_LR
+        return "the default; --lr-base scales one with the global batch"
+    if args.lr_base_size < 1:
+        raise UserError(f"--lr-base-size must be at least 1 (the global batch --lr-base is meant for), "
+                        f"got {args.lr_base_size}")
+    global_batch = args.batch_size * world_size * (getattr(args, "grad_accum_steps", None) or 1)
+    ratio = global_batch / args.lr_base_size
+    if not args.lr_base_scale:
+        args.lr_base_scale = "sqrt" if any(name in args.opt.lower() for name in ("ada", "lamb")) else "linear"
+    args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == "sqrt" else ratio)
+    return (f"--lr-base {args.lr_base:g} for a global batch of {args.lr_base_size}, scaled {args.lr_base_scale} "
+            f"to the global batch of {global_batch}")

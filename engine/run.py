@@ -30,12 +30,15 @@ from .errors import UserError
 from .datasets import dataset_labels
 from .loader import build_loaders, build_mixup, load_datasets, resolve_data_settings
 from .models import count_parameters, create_model, load_weights
-from .optim import build_optimizer
+from .optim import build_optimizer, resolve_lr
 from .precision import autocast_context, resolve_teacher_precision
 from .stages import probe_stages
 from .teacher import FrozenSource, build_frozen_teacher, build_teacher_model
 
 EVAL_METRICS = ("top1", "top5", "loss")
+# create_model arguments that have flags of their own, so --model-kwargs may not set them
+MODEL_KWARGS_WITH_FLAGS = {"num_classes": "--num-classes", "img_size": "--img-size", "pretrained": "--pretrained",
+                           "drop_rate": "--drop", "drop_path_rate": "--drop-path", "drop_block_rate": "--drop-block"}
 
 
 @dataclass
@@ -95,6 +98,18 @@ def check_arguments(args, env):
         raise UserError(f"--batch-size must be at least 1 (it is per process), got {args.batch_size}")
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    flagged = {key: flag for key, flag in MODEL_KWARGS_WITH_FLAGS.items() if key in args.model_kwargs}
+    if flagged:
+        raise UserError(f"--model-kwargs sets {', '.join(flagged)}, which the run sets from "
+                        f"{', '.join(flagged.values())}: use those flags instead")
+    if args.torchcompile_mode and not args.compile:
+        raise UserError(f"--torchcompile-mode {args.torchcompile_mode} needs --compile; add it or drop the mode")
+    if args.mixup_off_epoch < 0:
+        raise UserError(f"--mixup-off-epoch must be 0 (mix every epoch) or an epoch number, got {args.mixup_off_epoch}")
+    if args.lr is not None and args.lr_base is not None and not args.resume:
+        raise UserError(f"--lr {args.lr:g} and --lr-base {args.lr_base:g} are both set (--lr perhaps by the -c "
+                        f"config): keep one. --lr is the learning rate itself, --lr-base is scaled by the global "
+                        f"batch (to drop a config's lr, include the config in your own with `lr: null`)")
     if args.sync_bn and env.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernels); drop it on CPU")
     allowed = EVAL_METRICS + tuple(f"{p}_{m}" for p in ema_prefixes(args) for m in EVAL_METRICS)
@@ -125,9 +140,16 @@ def input_size(args):
 
 
 def build_student(args):
-    student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args),
-                           pretrained=args.pretrained, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                           drop_block_rate=args.drop_block)
+    """The student from timm, with --model-kwargs passed to its constructor (as timm's train.py does)."""
+    try:
+        student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args),
+                               pretrained=args.pretrained, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                               drop_block_rate=args.drop_block, **args.model_kwargs)
+    except TypeError as exc:
+        if not args.model_kwargs:
+            raise
+        raise UserError(f"--model-kwargs {args.model_kwargs} rejected by {args.model} ({exc}); pass only "
+                        f"arguments its timm constructor takes") from None
     if args.initial_checkpoint:
         load_weights(student, args.initial_checkpoint, args.model, role="initial")
     return student
@@ -159,6 +181,14 @@ def build_distiller_for(args, env, student, teacher_model, data, mixup):
         student_stages=probe_stages(student, student_size, student_request.stages),
         teacher_stages=probe_stages(teacher_model, teacher_size, teacher_request.stages) if teacher_request else {})
     return build_distiller(args.distiller, student, context)
+
+
+def build_emas(args, student):
+    """One timm ModelEmaV3 of the student per --model-ema-decay (none without --model-ema); with
+    --model-ema-warmup each decay ramps up as 1 - n^(-2/3) at update n until it reaches its value."""
+    if not args.model_ema:
+        return []
+    return [ModelEmaV3(student, decay=decay, use_warmup=args.model_ema_warmup) for decay in args.model_ema_decay]
 
 
 def wrap_for_training(distiller, env):
@@ -204,6 +234,7 @@ def build_run(args, checkpoint=None):
     env = init_distributed(args.device, args.local_rank)
     random_seed(args.seed, 0)  # the same on every process while models are built
     check_arguments(args, env)
+    lr_origin = resolve_lr(args, env.world_size)
     autocast = autocast_context(args, env.device)
     if args.teacher:
         args.teacher_precision, precision_reason = resolve_teacher_precision(args.teacher_precision, env.device)
@@ -235,9 +266,9 @@ def build_run(args, checkpoint=None):
     scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                        updates_per_epoch=len(data.train_loader))
     if args.compile:
-        distiller.compile()  # in place: parameter names and checkpoints stay the same
+        distiller.compile(mode=args.torchcompile_mode)  # in place: parameter names and checkpoints stay the same
     model = wrap_for_training(distiller, env)
-    emas = [ModelEmaV3(student, decay=decay) for decay in args.model_ema_decay] if args.model_ema else []
+    emas = build_emas(args, student)
     random_seed(args.seed, env.rank)  # from here on: per-process data order and augmentation
 
     folder = run_folder(args)  # created only now that every input has been checked
@@ -248,7 +279,7 @@ def build_run(args, checkpoint=None):
     run = Run(args=args, env=env, data=data, student=student, distiller=distiller, model=model, teacher=teacher,
               optimizer=optimizer, scheduler=scheduler, scaler=scaler, emas=emas, mixup=mixup, autocast=autocast,
               folder=folder, log=make_logger(folder, env.is_main))
-    report_startup(run, precision_reason if args.teacher else "")
+    report_startup(run, precision_reason if args.teacher else "", lr_origin)
     if checkpoint is not None:
         resume(run, checkpoint)
     if env.is_main:
@@ -260,10 +291,12 @@ def build_run(args, checkpoint=None):
 def resume(run, checkpoint):
     """Continue from a checkpoint; last of the build steps, so the RNG state restored is the one training
     continues from."""
-    rng_restored = restore_training_state(checkpoint, run)
+    rng_restored = restore_training_state(checkpoint, run, optimizer_state=not run.args.no_resume_opt)
     run.progress = Progress(start_epoch=checkpoint["epoch"] + 1, global_step=checkpoint["global_step"],
                             best_metric=checkpoint["best_metric"], best_epoch=checkpoint["best_epoch"],
                             history=checkpoint["history"])
+    if run.args.no_resume_opt:
+        place_fresh_scheduler(run.scheduler, run.progress, run.args.warmup_epochs)
     if run.progress.start_epoch >= run.args.epochs:
         raise UserError(f"the run in {run.folder!r} already finished its {run.args.epochs} epochs; pass a larger "
                         f"--epochs with --resume to train it further")
@@ -276,7 +309,19 @@ def resume(run, checkpoint):
                         f"result will not match an uninterrupted run exactly")
 
 
-def report_startup(run, precision_reason):
+def place_fresh_scheduler(scheduler, progress, warmup_epochs):
+    """Set the lr of a scheduler built afresh (--no-resume-opt) to where the run stands, as timm's train.py does.
+
+    timm's schedules are functions of the epoch (or update) count, so stepping to the position is enough; the
+    end of warmup comes first because the plateau schedule only sets its base lr there (its reductions, which
+    depend on past metrics, start over)."""
+    if warmup_epochs:
+        scheduler.step(min(progress.start_epoch, warmup_epochs))
+    scheduler.step(progress.start_epoch)
+    scheduler.step_update(num_updates=progress.global_step)
+
+
+def report_startup(run, precision_reason, lr_origin=""):
     args, env, data = run.args, run.env, run.data
     n_student = count_parameters(run.student)
     n_extra = run.distiller.extra_parameter_count()
@@ -285,6 +330,7 @@ def report_startup(run, precision_reason):
     run.log.info(f"Data: {data.kind} from {data.source}: {data.train_size} train / {data.val_size} val, "
                  f"{args.num_classes} classes, input {tuple(data.config['input_size'])}")
     run.log.info(f"Student {args.model}: {n_student:,} parameters")
+    run.log.info(f"Learning rate {args.lr:.6g} ({lr_origin or '--lr'})")
     if run.teacher is not None:
         run.log.info(f"Teacher {args.teacher}: {count_parameters(run.teacher.model):,} parameters (frozen, "
                      f"{args.teacher_precision}: {precision_reason}) from {args.teacher_pretrained}")

@@ -1,8 +1,12 @@
 """train.py's arguments: timm train.py names, so the paper's YAML configs and command lines work unchanged."""
 import argparse
 
+from timm.utils import ParseKwargs
+
 from .datasets import DATASET_KINDS
 from .precision import AMP_DTYPES, TEACHER_PRECISIONS, default_device  # noqa: F401 (default_device re-exported)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def add_data_arguments(p):
@@ -41,6 +45,9 @@ def build_train_parser(distiller_registry):
     g.add_argument("--model", default="resnet18")
     g.add_argument("--pretrained", action="store_true", help="start the student from timm's pretrained weights")
     g.add_argument("--initial-checkpoint", default="", help="start the student from these weights")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="extra keyword arguments of the student's timm constructor, e.g. depth=6 embed_dim=384 "
+                        "(values read as Python literals, else as strings)")
     g.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
@@ -83,7 +90,14 @@ def build_train_parser(distiller_registry):
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--sched", default="cosine")
     g.add_argument("--sched-on-updates", action="store_true", help="update the lr every step, not every epoch")
-    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate; when not given: 0.05, or scaled from --lr-base if that is given")
+    g.add_argument("--lr-base", type=float, default=None,
+                   help="learning rate for a global batch of --lr-base-size, scaled to the run's global batch "
+                        "(per-process batch x processes x accumulation steps); used when --lr is not given")
+    g.add_argument("--lr-base-size", type=int, default=256, help="the global batch --lr-base is meant for")
+    g.add_argument("--lr-base-scale", default="", choices=("", "linear", "sqrt"),
+                   help="how --lr-base scales with the batch ratio; '' = sqrt for Ada*/LAMB optimizers, else linear")
     g.add_argument("--lr-noise", type=float, nargs="+", default=None)
     g.add_argument("--lr-k-decay", type=float, default=1.0)
     g.add_argument("--warmup-lr", type=float, default=1e-5)
@@ -116,6 +130,8 @@ def build_train_parser(distiller_registry):
     g.add_argument("--mixup-prob", type=float, default=1.0)
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", default="batch")
+    g.add_argument("--mixup-off-epoch", type=int, default=0, metavar="N",
+                   help="no mixup/cutmix from epoch N on (labels stay smoothed); 0 = mix every epoch")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--bce-loss", action="store_true", help="binary cross-entropy as the ground-truth loss")
     g.add_argument("--bce-target-thresh", type=float, default=None)
@@ -123,6 +139,8 @@ def build_train_parser(distiller_registry):
     g = p.add_argument_group("EMA")
     g.add_argument("--model-ema", action="store_true", help="keep EMA copies of the student")
     g.add_argument("--model-ema-decay", type=float, nargs="+", default=[0.9998], help="one EMA per decay")
+    g.add_argument("--model-ema-warmup", action="store_true",
+                   help="timm's EMA warmup: decay min(--model-ema-decay, 1 - n^(-2/3)) at update n")
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42)
@@ -130,10 +148,15 @@ def build_train_parser(distiller_registry):
     g.add_argument("--amp", action="store_true", help="mixed precision for the student step")
     g.add_argument("--amp-dtype", default="bfloat16", choices=tuple(AMP_DTYPES))
     g.add_argument("--compile", action="store_true", help="torch.compile the student step and the teacher")
+    g.add_argument("--torchcompile-mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode of the student step (needs --compile)")
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--output", default="output/train", help="parent folder of run folders")
     g.add_argument("--experiment", default="", help="run folder name (default: time-distiller-model-teacher)")
     g.add_argument("--resume", default="", help="continue the run of this last.pth.tar (in its own folder)")
+    g.add_argument("--no-resume-opt", action="store_true",
+                   help="with --resume: restore the weights (student, EMAs, distiller modules) and the position "
+                        "in the run, but start the optimizer, lr scheduler and AMP scaler afresh")
     g.add_argument("--eval-metric", default="top1", help="top1, top5 or loss (ema_top1 ... with --model-ema); "
                    "picks best.pth.tar and drives --sched plateau")
     g.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),

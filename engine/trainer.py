@@ -15,6 +15,13 @@ def improves(value, best, metric):
     return value < best if metric.endswith("loss") else value > best
 
 
+def switch_off_mixup(run, epoch):
+    """timm's --mixup-off-epoch: from that epoch on, batches are not mixed (lam 1); the mixup function still
+    turns labels into (smoothed) one-hot targets, so the ground-truth loss stays the same function."""
+    if run.mixup is not None and run.args.mixup_off_epoch and epoch >= run.args.mixup_off_epoch:
+        run.mixup.mixup_enabled = False
+
+
 def evaluate_epoch(run):
     """Scores the student and each EMA on the validation set, in eval mode; BatchNorm statistics are first
     made identical on every process (`--dist-bn reduce`: averaged), so all score and save the same model."""
@@ -54,6 +61,7 @@ def train(run):
     wall_start = time.time()
     metrics = {}
     for epoch in range(progress.start_epoch, args.epochs):
+        switch_off_mixup(run, epoch)
         train_metrics = train_one_epoch(run, epoch)
         metrics = evaluate_epoch(run)
         log.info(f"Eval: {epoch}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
