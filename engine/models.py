@@ -10,6 +10,9 @@ import custom_model  # noqa: F401  (registers extra architectures with timm)
 from .errors import UserError
 
 
+RATE_FLAGS = {"drop_rate": "--drop", "drop_path_rate": "--drop-path", "drop_block_rate": "--drop-block"}
+
+
 def create_model(name, num_classes, img_size=None, **kwargs):
     """timm.create_model; an option the architecture lacks is left out when it asks for nothing (`img_size`,
     a zero drop rate) and refused with a UserError otherwise."""
@@ -23,14 +26,16 @@ def create_model(name, num_classes, img_size=None, **kwargs):
     while True:
         try:
             return _create_timm_model(name, num_classes, kwargs)
-        except TypeError as exc:  # an architecture without that option: fine when the option asks for nothing
+        except TypeError as exc:
             unsupported = next((k for k in kwargs if f"'{k}'" in str(exc)), None)
             if unsupported is None:
                 raise
-            if unsupported != "img_size" and kwargs[unsupported]:
-                raise UserError(f"model {name!r} has no option {unsupported}={kwargs[unsupported]!r}; drop the "
-                                f"flag that sets it (e.g. --drop-path for drop_path_rate) or set it to 0") from None
-            del kwargs[unsupported]
+            if unsupported == "img_size" or (unsupported in RATE_FLAGS and not kwargs[unsupported]):
+                del kwargs[unsupported]  # an architecture without that option: fine when it asks for nothing
+                continue
+            fix = (f"drop {RATE_FLAGS[unsupported]} or set it to 0" if unsupported in RATE_FLAGS
+                   else "remove it from --model-kwargs")
+            raise UserError(f"model {name!r} takes no argument {unsupported}={kwargs[unsupported]!r}; {fix}") from None
 
 
 def _create_timm_model(name, num_classes, kwargs):
