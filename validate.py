@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Score a checkpoint on a dataset's validation split and print one JSON line.
 
-Accepts this repo's training checkpoints (last/best.pth.tar, student_*.pth exports) and plain timm
-state dicts:
+Accepts this repo's training checkpoints (last/best.pth.tar, student_*.pth exports), timm train.py's
+checkpoints (model_best.pth.tar), plain state dicts and .safetensors files:
     python validate.py data/cifar100 --dataset cifar100 --num-classes 100 \
         --model swin_tiny_patch4_window7_224 --checkpoint pretrained/swin_tiny_patch4_window7_224_cifar100.pth
-Model name, class count and input size default to those stored in our training checkpoints.
+Model name, class count and input size default to those stored in our or timm train.py's training checkpoints.
 """
 import argparse
 import json
@@ -13,7 +13,7 @@ import json
 import torch
 from torch.utils.data import DataLoader
 
-from engine.datasets import build_dataset, infer_dataset_kind
+from engine.datasets import DATASET_KINDS, build_dataset, infer_dataset_kind
 from engine.distributed import DistEnv
 from engine.errors import UserError, exit_cleanly_on_user_error
 from engine.loader import build_eval_transform, resolve_data_settings
@@ -37,8 +37,11 @@ def build_parser():
 
 
 def _fill_from_checkpoint(args, checkpoint):
-    """Model name, class count and input size recorded in our training checkpoints, unless given."""
+    """Model name, class count and input size recorded in a training checkpoint (ours: a dict; timm's
+    train.py: an argparse.Namespace), unless given."""
     recorded = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
+    if isinstance(recorded, argparse.Namespace):  # timm train.py's checkpoints
+        recorded = vars(recorded)
     args.model = args.model or recorded.get("model", "")
     if not args.model:
         raise UserError(f"{args.checkpoint!r} does not record its architecture; pass --model NAME")
@@ -47,7 +50,8 @@ def _fill_from_checkpoint(args, checkpoint):
                     "synthetic_seed"):
             if getattr(args, key) in (None, "") and recorded.get(key) not in (None, ""):
                 setattr(args, key, recorded[key])
-        args.dataset = args.dataset or recorded.get("dataset", "")
+        if recorded.get("dataset") in DATASET_KINDS:  # timm's own names ('torch/cifar100') are not ours
+            args.dataset = args.dataset or recorded["dataset"]
 
 
 @exit_cleanly_on_user_error
