@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Score a checkpoint on a dataset's validation split and print one JSON line.
 
-Accepts this repo's training checkpoints (last/best.pth.tar, student_*.pth exports) and plain timm
-state dicts:
+Accepts this repo's training checkpoints (last/best.pth.tar, student_*.pth exports), timm train.py's
+checkpoints (model_best.pth.tar), plain state dicts and .safetensors files:
     python validate.py data/cifar100 --dataset cifar100 --num-classes 100 \
         --model swin_tiny_patch4_window7_224 --checkpoint pretrained/swin_tiny_patch4_window7_224_cifar100.pth
-Model name, class count, input size and --model-kwargs default to those stored in our training checkpoints.
+Model name, class count, input size and --model-kwargs default to those stored in our training checkpoints
+(model, class count and size also in timm train.py's).
 `--results-file scores.csv` (or .json) also writes the printed record to a file, one row per model.
 """
 import argparse
@@ -18,7 +19,7 @@ import torch
 from timm.utils import ParseKwargs
 
 from engine.checkpoint import atomic_write_text
-from engine.datasets import build_dataset, infer_dataset_kind
+from engine.datasets import DATASET_KINDS, build_dataset, infer_dataset_kind
 from engine.distributed import DistEnv
 from engine.errors import UserError, exit_cleanly_on_user_error
 from engine.loader import build_eval_loader, resolve_data_settings
@@ -76,8 +77,11 @@ def write_results(rows, path):
 
 
 def _fill_from_checkpoint(args, checkpoint):
-    """Model name, class count, input size and model kwargs recorded in our training checkpoints, unless given."""
+    """Model name, class count, input size and model kwargs recorded in a training checkpoint (ours: a dict;
+    timm's train.py: an argparse.Namespace), unless given."""
     recorded = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
+    if isinstance(recorded, argparse.Namespace):  # timm train.py's checkpoints
+        recorded = vars(recorded)
     args.model = args.model or recorded.get("model", "")
     if not args.model:
         raise UserError(f"{args.checkpoint!r} does not record its architecture; pass --model NAME")
@@ -86,7 +90,8 @@ def _fill_from_checkpoint(args, checkpoint):
                     "synthetic_seed", "model_kwargs"):
             if getattr(args, key) in (None, "") and recorded.get(key) not in (None, ""):
                 setattr(args, key, recorded[key])
-        args.dataset = args.dataset or recorded.get("dataset", "")
+        if recorded.get("dataset") in DATASET_KINDS:  # timm's own names ('torch/cifar100') are not ours
+            args.dataset = args.dataset or recorded["dataset"]
 
 
 @exit_cleanly_on_user_error
@@ -98,12 +103,7 @@ def main(argv=None):
     kind = args.dataset or infer_dataset_kind(args.data_dir)
     dataset = build_dataset(kind, args.data_dir, "val", args)
     num_classes = args.num_classes or dataset.num_classes
-    try:
-        model = create_model(args.model, num_classes=num_classes, img_size=args.img_size, **(args.model_kwargs or {}))
-    except TypeError as exc:
-        if not args.model_kwargs:
-            raise
-        raise UserError(f"--model-kwargs {args.model_kwargs} rejected by {args.model} ({exc})") from None
+    model = create_model(args.model, num_classes=num_classes, img_size=args.img_size, **(args.model_kwargs or {}))
     load_weights(model, args.checkpoint, args.model, use_ema=args.use_ema, checkpoint=checkpoint)
     env = DistEnv(device=torch.device(args.device))
     model.to(env.device).eval()

@@ -48,7 +48,9 @@ def extract_features(model, x, request):
 
     Stages come from the stage table in custom_forward (layout by family: NCHW maps or NLC tokens); the
     embedding is `forward_head(final, pre_logits=True)` and the logits the classifier applied to it, so they
-    equal model(x). Distilled DeiT has two classifiers: its logits come from forward_head(final).
+    equal model(x). Models with two heads (distilled DeiT, LeViT, EfficientFormer: get_classifier() is a tuple)
+    take their logits from forward_head(final): the mean of both heads, in train mode too (create_model keeps
+    timm's distilled training off), so every loss sees one logits tensor.
     """
     if request.stages:
         final, stages = stage_features(model, x, request.stages)

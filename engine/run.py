@@ -141,15 +141,9 @@ def input_size(args):
 
 def build_student(args):
     """The student from timm, with --model-kwargs passed to its constructor (as timm's train.py does)."""
-    try:
-        student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args),
-                               pretrained=args.pretrained, drop_rate=args.drop, drop_path_rate=args.drop_path,
-                               drop_block_rate=args.drop_block, **args.model_kwargs)
-    except TypeError as exc:
-        if not args.model_kwargs:
-            raise
-        raise UserError(f"--model-kwargs {args.model_kwargs} rejected by {args.model} ({exc}); pass only "
-                        f"arguments its timm constructor takes") from None
+    student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args),
+                           pretrained=args.pretrained, pretrained_path=args.pretrained_path, drop_rate=args.drop,
+                           drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, **args.model_kwargs)
     if args.initial_checkpoint:
         load_weights(student, args.initial_checkpoint, args.model, role="initial")
     return student
@@ -205,8 +199,9 @@ def run_folder(args):
     """The folder of this run: the resumed checkpoint's, or a new one under --output (never reused)."""
     if args.resume:
         return os.path.dirname(os.path.abspath(args.resume))
-    name = args.experiment or "-".join(
+    default = "-".join(
         [time.strftime("%Y%m%d-%H%M%S"), args.distiller, args.model] + ([args.teacher] if args.teacher else []))
+    name = args.experiment or default.replace(":", "_").replace("/", "_")  # hf-hub:org/repo model names
     folder = os.path.join(args.output, name)
     if os.path.exists(os.path.join(folder, "last.pth.tar")):
         raise UserError(f"run folder {folder!r} already holds a run; continue it with --resume "

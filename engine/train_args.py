@@ -44,6 +44,9 @@ def build_train_parser(distiller_registry):
     g = p.add_argument_group("student model")
     g.add_argument("--model", default="resnet18")
     g.add_argument("--pretrained", action="store_true", help="start the student from timm's pretrained weights")
+    g.add_argument("--pretrained-path", default="", metavar="FILE",
+                   help="start the student from this file as timm's pretrained weights: position embeddings and "
+                        "windows are resized to the input size, a head of another class count is re-initialised")
     g.add_argument("--initial-checkpoint", default="", help="start the student from these weights")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra keyword arguments of the student's timm constructor, e.g. depth=6 embed_dim=384 "

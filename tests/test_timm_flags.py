@@ -92,7 +92,7 @@ def test_model_kwargs_that_flags_set_or_the_model_rejects_are_user_errors():
     with pytest.raises(UserError, match="drop_path_rate, which the run sets from --drop-path"):
         check_arguments(parse("--model-kwargs", "drop_path_rate=0.1"), DistEnv())
     args = parse("--model", "test_vit", "--num-classes", CLASSES, "--model-kwargs", "no_such_argument=1")
-    with pytest.raises(UserError, match="--model-kwargs .* rejected by test_vit"):
+    with pytest.raises(UserError, match="takes no argument no_such_argument=1; remove it from --model-kwargs"):
         build_student(args)
 
 
