@@ -54,7 +54,8 @@ def train(run):
     wall_start = time.time()
     metrics = {}
     for epoch in range(progress.start_epoch, args.epochs):
-        train_metrics = train_one_epoch(run, epoch)
+        start = (progress.start_step, progress.start_losses) if epoch == progress.start_epoch else (0, None)
+        train_metrics = train_one_epoch(run, epoch, *start)
         metrics = evaluate_epoch(run)
         log.info(f"Eval: {epoch}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         value = metrics[args.eval_metric]
