@@ -4,6 +4,7 @@ import glob
 import io
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -100,7 +101,9 @@ def gather_rng_states(world_size):
 
 
 def training_state(run, epoch, rng_states):
-    """Everything `--resume` needs. 'state_dict'/'state_dict_ema' follow timm's naming."""
+    """Everything `--resume` needs. 'state_dict'/'state_dict_ema' follow timm's naming. `epoch` is the last
+    finished one; a recovery checkpoint (`save_recovery`) instead names the epoch in progress and adds its
+    position in it."""
     return {
         "version": CHECKPOINT_VERSION, "epoch": epoch, "global_step": run.progress.global_step,
         "arch": run.args.model, "args": vars(run.args),  # "arch" as in timm's own checkpoints
@@ -115,6 +118,41 @@ def training_state(run, epoch, rng_states):
         "best_metric": run.progress.best_metric, "best_epoch": run.progress.best_epoch,
         "history": run.progress.history,
     }
+
+
+RECOVERY_NAME = re.compile(r"recovery-(\d+)-(\d+)\.pth\.tar")
+
+
+def recovery_position(path):
+    """(epoch, optimizer updates done in it) of a recovery checkpoint's file name; None for other files."""
+    match = RECOVERY_NAME.fullmatch(os.path.basename(path))
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def recovery_path(folder, epoch, epoch_step):
+    return os.path.join(folder, f"recovery-{epoch}-{epoch_step}.pth.tar")
+
+
+def prune_recovery_files(folder, newest, keep):
+    """Delete the recovery checkpoints written before `newest` (an (epoch, step)) beyond the `keep` latest.
+
+    Files after `newest` are left alone: they come from a run that was resumed from an earlier file, and this
+    run overwrites them as it reaches their positions."""
+    positions = sorted(p for p in map(recovery_position, os.listdir(folder)) if p is not None and p <= newest)
+    for epoch, step in positions[:-keep]:
+        os.remove(recovery_path(folder, epoch, step))
+
+
+def save_recovery(run, epoch, epoch_step, epoch_losses):
+    """A mid-epoch checkpoint after `epoch_step` optimizer updates of `epoch`: the epoch checkpoint's states
+    plus the position and the epoch's loss sums so far (`LossTracker.state`). A collective: every process
+    calls it at the same step. The oldest files beyond --checkpoint-hist go once the new one is on disk."""
+    rng_states = gather_rng_states(run.env.world_size)
+    if not run.env.is_main:
+        return
+    state = {**training_state(run, epoch, rng_states), "epoch_step": epoch_step, "epoch_losses": epoch_losses}
+    atomic_save(state, recovery_path(run.folder, epoch, epoch_step))
+    prune_recovery_files(run.folder, (epoch, epoch_step), run.args.checkpoint_hist)
 
 
 def restore_training_state(ckpt, run, optimizer_state=True):

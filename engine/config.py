@@ -126,7 +126,7 @@ def save_args_yaml(args, path):
 
 # What a resumed run may change; everything else comes from the run's checkpoint and must agree if given.
 RESUME_MAY_CHANGE = ("epochs", "workers", "log_interval", "data_dir", "teacher_pretrained", "no_eval_teacher",
-                     "validation_batch_size")
+                     "validation_batch_size", "recovery_interval", "checkpoint_hist")
 _PER_LAUNCH = ("resume", "config", "local_rank", "no_resume_opt")
 
 

@@ -5,12 +5,16 @@ next batch to the GPU while the current one is used, normalising it (and random-
 Elsewhere the workers normalise, as torchvision's pipeline does. Mixup/CutMix runs on the device either way, on
 normalised images (mixing commutes with the per-channel normalisation, so this equals mixing the raw images).
 """
+import contextlib
+import random
+
+import numpy as np
 import torch
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.mixup import mixup_target
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from .datasets import IndexedDataset, build_dataset, infer_dataset_kind
 from .errors import UserError
@@ -57,6 +61,75 @@ def _shard(n, rank, world_size):
     return list(range(rank, n, world_size))
 
 
+def sample_seeds(seed, epoch, rank, count):
+    """(count, 3) seeds, one row per position of a process's epoch list: for torch's, numpy's and Python's RNG
+    (three independent values, so the three generators never replay one another's stream)."""
+    generator = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, epoch, rank])
+    return generator.integers(0, 2 ** 32, size=(count, 3), dtype=np.uint32)
+
+
+class ResumableSampler(Sampler):
+    """A process's samples for an epoch, from `sampler` (DistributedSampler or RepeatAugSampler), each paired
+    with the seeds of its augmentation, and able to start part-way into the epoch.
+
+    The seeds depend on (run seed, epoch, rank, position in the epoch's list) alone, not on which loader
+    worker loads the sample nor on what was loaded before. So a run resumed mid-epoch, which skips the
+    positions already trained on, draws the augmentations of an uninterrupted run; and micro-batches of
+    --grad-accum-steps see the same augmentations as one large batch.
+    """
+
+    def __init__(self, sampler, seed, rank):
+        self.sampler, self.seed, self.rank = sampler, seed, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        """The epoch's order; `start`: how many of its positions were already trained on (skipped)."""
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        seeds = sample_seeds(self.seed, self.epoch, self.rank, len(indices))
+        for position in range(self.start, len(indices)):
+            yield indices[position], tuple(seeds[position].tolist())
+
+    def __len__(self):
+        return len(self.sampler) - self.start
+
+
+@contextlib.contextmanager
+def seeded_rngs(seeds, restore):
+    """torch's (CPU), numpy's and Python's global RNGs seeded from `seeds`; with `restore`, as they were after."""
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if restore else None
+    torch.random.default_generator.manual_seed(seeds[0])
+    np.random.seed(seeds[1])
+    random.seed(seeds[2])
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+
+
+class SeededSamples(Dataset):
+    """`dataset[index]` for keys `(index, seeds)` from ResumableSampler, loaded with the global RNGs seeded
+    by the sample's own seeds (transforms draw from them). In the main process (--workers 0) the RNG states
+    are restored afterwards, so loading data never shifts the training step's own draws (mixup, dropout)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seeds = key
+        with seeded_rngs(seeds, restore=get_worker_info() is None):
+            return self.dataset[index]
+
+
 def _collate_label_and_index(samples):
     """fast_collate for (image, label, index) samples: label and index travel as one (B, 2) target, which
     PrefetchLoader moves to the device as it does any target."""
@@ -83,11 +156,14 @@ def build_loaders(args, env, train_set, val_set, data_config, prefetch=None):
     else:
         train_sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank,
                                            shuffle=True, seed=args.seed)
-    # Workers are not persistent: each epoch's workers are seeded from the main RNG, which a resumed run
-    # restores, so augmentations after --resume match an uninterrupted run.
+    # Augmentations are seeded per sample (ResumableSampler). The loaders get their own generator for the
+    # worker base seed they draw at each epoch, so starting an epoch never advances the global RNG that a
+    # checkpoint restores (mixup, dropout and distillers draw from it).
     common = dict(num_workers=args.workers, pin_memory=env.device.type == "cuda")
-    train_loader = DataLoader(IndexedDataset(train_set), batch_size=args.batch_size, sampler=train_sampler, drop_last=True,
-                              collate_fn=_collate_label_and_index if prefetch else None, **common)
+    train_loader = DataLoader(SeededSamples(IndexedDataset(train_set)), batch_size=args.batch_size,
+                              sampler=ResumableSampler(train_sampler, args.seed, env.rank), drop_last=True,
+                              collate_fn=_collate_label_and_index if prefetch else None,
+                              generator=torch.Generator(), **common)
     val_loader = build_eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size, args.workers,
                                    env.device, sampler=_shard(len(val_set), env.rank, env.world_size),
                                    prefetch=prefetch)
@@ -109,7 +185,8 @@ def build_eval_loader(dataset, data_config, batch_size, workers, device, sampler
     prefetch = uses_prefetcher(device) if prefetch is None else prefetch
     dataset.transform = build_eval_transform(data_config, prefetch)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=torch.device(device).type == "cuda", collate_fn=fast_collate if prefetch else None)
+                        pin_memory=torch.device(device).type == "cuda", collate_fn=fast_collate if prefetch else None,
+                        generator=torch.Generator())
     return PrefetchLoader(loader, **_normalisation(data_config, device)) if prefetch else loader
 
 

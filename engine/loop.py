@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.utils import accuracy, dispatch_clip_grad
 
 from .batch import Batch
+from .checkpoint import save_recovery
 from .distributed import all_reduce_sum, world_size
 from .errors import UserError
 
@@ -24,10 +25,12 @@ def current_lr(optimizer):
 
 
 class LossTracker:
-    """Sums detached loss tensors on the device; values are read (a host sync) only when logged."""
+    """Sums detached loss tensors on the device; values are read (a host sync) only when logged.
 
-    def __init__(self):
-        self.sums, self.count = defaultdict(float), 0
+    `sums`/`count` are those of a checkpoint taken mid-epoch, so a resumed epoch reports its full average."""
+
+    def __init__(self, sums=None, count=0):
+        self.sums, self.count = defaultdict(float, sums or {}), count
         self._pending, self._pending_count = {}, 0
 
     def add(self, losses):
@@ -49,30 +52,45 @@ class LossTracker:
         ordered = sorted(self.sums, key=lambda name: (name != "loss", name))
         return {name: self.sums[name] / max(self.count, 1) for name in ordered}
 
+    def state(self):
+        """The sums so far (a collective under DDP: every process must call it), for a mid-epoch checkpoint."""
+        self.flush()
+        return {"sums": dict(self.sums), "count": self.count}
 
-def train_step(model, teacher, optimizer, batch, *, autocast, scaler=None, clip_grad=None, clip_mode="norm",
-               params=None):
-    """One optimisation step: teacher features (frozen, no grad), the distiller's losses, backward, update.
 
-    Returns the total loss and its terms as tensors (not read here, so the step never waits on the device).
-    """
+def forward_backward(model, teacher, batch, *, autocast, scaler=None, divisor=1):
+    """Teacher features (frozen, no grad), the distiller's losses, and the backward of their sum / `divisor`
+    (the micro-batches of one accumulated update). Returns the undivided total and its terms as tensors
+    (not read here, so the step never waits on the device)."""
     teacher_feats = teacher(batch.images) if teacher is not None else None
     with autocast():
         _, losses = model(batch, teacher_feats)
     loss = sum(losses.values())
-    optimizer.zero_grad(set_to_none=True)
+    scaled = loss / divisor if divisor != 1 else loss
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return loss, losses
+
+
+def optimizer_step(optimizer, *, scaler=None, clip_grad=None, clip_mode="norm", params=None):
+    """Clip (after unscaling) and apply the gradients accumulated since they were last zeroed."""
     if scaler is not None:
-        scaler.scale(loss).backward()
         if clip_grad is not None:
             scaler.unscale_(optimizer)
             dispatch_clip_grad(params, clip_grad, mode=clip_mode)
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         if clip_grad is not None:
             dispatch_clip_grad(params, clip_grad, mode=clip_mode)
         optimizer.step()
+
+
+def train_step(model, teacher, optimizer, batch, *, autocast, scaler=None, clip_grad=None, clip_mode="norm",
+               params=None):
+    """One optimisation step on one batch (no accumulation); returns the total loss and its terms as tensors."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, losses = forward_backward(model, teacher, batch, autocast=autocast, scaler=scaler)
+    optimizer_step(optimizer, scaler=scaler, clip_grad=clip_grad, clip_mode=clip_mode, params=params)
     return loss, losses
 
 
@@ -89,46 +107,80 @@ def make_batch(images, labels, index, device, mixup=None, channels_last=False):
     return Batch(images=images, targets=targets, labels=labels, index=index, lam=lam)
 
 
-def train_one_epoch(run, epoch):
-    """One pass over the training loader; returns {'loss': ..., term: ...} averaged over the epoch."""
+def updates_per_epoch(micro_batches, accum_steps):
+    """Optimizer updates made from `micro_batches` loader batches: one per `accum_steps` of them, and one
+    more, shorter, for a trailing remainder (as timm's train.py)."""
+    return -(-micro_batches // accum_steps)
+
+
+def accumulation_groups(loader, accum_steps):
+    """Each loader batch with its position in its accumulation group and that group's size (the epoch's
+    trailing group may be shorter); the optimizer steps after a group's last batch."""
+    remaining = len(loader)
+    for i, item in enumerate(loader):
+        yield item, i % accum_steps, min(accum_steps, remaining - i + i % accum_steps)
+
+
+def train_one_epoch(run, epoch, start_step=0, start_losses=None):
+    """One pass over the training loader; returns {'loss': ..., term: ...} averaged over the epoch.
+
+    Each optimizer update accumulates the gradients of --grad-accum-steps K loader batches (micro-batches of
+    --batch-size, each loss divided by K; under DDP gradients are averaged over processes at the last one
+    only). The epoch's trailing micro-batches that do not fill K make one last, shorter update, each loss
+    divided by their own count, as in timm's train.py. Logging, the ETA, the lr schedule and
+    --recovery-interval count optimizer updates; the loss averages are over micro-batches.
+    `start_step` updates of this epoch were already made (a mid-epoch recovery checkpoint): the sampler skips
+    their samples, and `start_losses` holds their loss sums.
+    """
     args, env, progress = run.args, run.env, run.progress
+    accum = args.grad_accum_steps
     run.model.train()
     loader = run.data.train_loader
-    loader.sampler.set_epoch(epoch)
-    tracker = LossTracker()
-    steps = len(loader)
-    start = time.time()
+    loader.sampler.set_epoch(epoch, start=start_step * accum * args.batch_size)
+    steps = start_step + updates_per_epoch(len(loader), accum)
+    tracker = LossTracker(**(start_losses or {}))
+    step, start = start_step, time.time()
     params = [p for p in run.distiller.parameters() if p.requires_grad]
-    for step, (images, labels, index) in enumerate(loader):
+    for (images, labels, index), position, group_size in accumulation_groups(loader, accum):
+        if position == 0:
+            run.optimizer.zero_grad(set_to_none=True)
         batch = make_batch(images, labels, index, env.device, run.mixup, args.channels_last)
-        loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast,
-                                  scaler=run.scaler, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                                  params=params)
+        closes_group = position == group_size - 1
+        with run.model.no_sync() if env.distributed and not closes_group else contextlib.nullcontext():
+            loss, losses = forward_backward(run.model, run.teacher, batch, autocast=run.autocast,
+                                            scaler=run.scaler, divisor=group_size)
+        tracker.add({"loss": loss, **losses})
+        if not closes_group:
+            continue
+        optimizer_step(run.optimizer, scaler=run.scaler, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                       params=params)
         for ema in run.emas:
             ema.update(run.student, step=progress.global_step + 1)  # timm counts this update: the first copies
         progress.global_step += 1
+        step += 1
         run.scheduler.step_update(num_updates=progress.global_step)
-        tracker.add({"loss": loss, **losses})
-        if step == steps - 1 or (step + 1) % args.log_interval == 0:
+        if step == steps or step % args.log_interval == 0:
             means = tracker.flush()
             if not math.isfinite(means["loss"]):
-                raise UserError(f"the loss became {means['loss']} at epoch {epoch} step {step + 1}; lower --lr, set "
+                raise UserError(f"the loss became {means['loss']} at epoch {epoch} step {step}; lower --lr, set "
                                 f"--clip-grad, or check the data and teacher (earlier epochs' checkpoints are kept)")
-            _log_progress(run, epoch, step, steps, start, len(batch), means)
+            _log_progress(run, epoch, step, steps, step - start_step, start, len(batch) * accum, means)
+        if args.recovery_interval and progress.global_step % args.recovery_interval == 0 and step < steps:
+            save_recovery(run, epoch, step, tracker.state())
     return tracker.flush()
 
 
-def _log_progress(run, epoch, step, steps, start, batch_size, means):
+def _log_progress(run, epoch, step, steps, timed_steps, start, images_per_step, means):
+    """`step` of `steps` optimizer updates done; `timed_steps` of them by this process, since `start`."""
     if not run.env.is_main:
         return
-    elapsed = time.time() - start
-    per_step = elapsed / (step + 1)
-    steps_left_run = (steps - step - 1) + (run.args.epochs - epoch - 1) * steps
+    per_step = (time.time() - start) / timed_steps
+    steps_left_run = (steps - step) + (run.args.epochs - epoch - 1) * steps
     lr = current_lr(run.optimizer)
     terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-    run.log.info(f"Train: {epoch} [{step + 1:>4d}/{steps} ({100 * (step + 1) / steps:3.0f}%)]  {terms}  "
-                 f"lr {lr:.3e}  {batch_size * run.env.world_size / per_step:.1f} img/s  "
-                 f"ETA epoch {format_seconds(per_step * (steps - step - 1))} run {format_seconds(per_step * steps_left_run)}")
+    run.log.info(f"Train: {epoch} [{step:>4d}/{steps} ({100 * step / steps:3.0f}%)]  {terms}  "
+                 f"lr {lr:.3e}  {images_per_step * run.env.world_size / per_step:.1f} img/s  "
+                 f"ETA epoch {format_seconds(per_step * (steps - step))} run {format_seconds(per_step * steps_left_run)}")
     if run.writer is not None:
         for k, v in means.items():
             run.writer.add_scalar(f"train/{k}", v, run.progress.global_step)

@@ -28,6 +28,7 @@ from .config import save_args_yaml
 from .distributed import DistEnv, init_distributed
 from .errors import UserError
 from .datasets import dataset_labels
+from .loop import updates_per_epoch
 from .loader import build_loaders, build_mixup, load_datasets, resolve_data_settings
 from .models import count_parameters, create_model, load_weights
 from .optim import build_optimizer, resolve_lr
@@ -61,6 +62,8 @@ class Progress:
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
     history: List[dict] = field(default_factory=list)  # one summary row per finished epoch
+    start_step: int = 0  # optimizer updates of start_epoch already made (resumed from a recovery checkpoint)
+    start_losses: Optional[dict] = None  # their loss sums (LossTracker.state)
 
 
 @dataclass
@@ -110,6 +113,11 @@ def check_arguments(args, env):
         raise UserError(f"--lr {args.lr:g} and --lr-base {args.lr_base:g} are both set (--lr perhaps by the -c "
                         f"config): keep one. --lr is the learning rate itself, --lr-base is scaled by the global "
                         f"batch (to drop a config's lr, include the config in your own with `lr: null`)")
+    for flag, value, least in (("--grad-accum-steps", args.grad_accum_steps, 1),
+                               ("--recovery-interval", args.recovery_interval, 0),
+                               ("--checkpoint-hist", args.checkpoint_hist, 1)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
     if args.sync_bn and env.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernels); drop it on CPU")
     allowed = EVAL_METRICS + tuple(f"{p}_{m}" for p in ema_prefixes(args) for m in EVAL_METRICS)
@@ -259,7 +267,8 @@ def build_run(args, checkpoint=None):
     optimizer = build_optimizer(distiller, args)
     scaler = torch.amp.GradScaler("cuda") if args.amp and args.amp_dtype == "float16" else None
     scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
-                                       updates_per_epoch=len(data.train_loader))
+                                       updates_per_epoch=updates_per_epoch(len(data.train_loader),
+                                                                           args.grad_accum_steps))
     if args.compile:
         distiller.compile(mode=args.torchcompile_mode)  # in place: parameter names and checkpoints stay the same
     model = wrap_for_training(distiller, env)
@@ -286,10 +295,17 @@ def build_run(args, checkpoint=None):
 def resume(run, checkpoint):
     """Continue from a checkpoint; last of the build steps, so the RNG state restored is the one training
     continues from."""
+    mid_epoch = "epoch_step" in checkpoint  # a recovery checkpoint names the epoch in progress
+    if mid_epoch and len(checkpoint["rng"]) != run.env.world_size:
+        raise UserError(f"--resume {run.args.resume!r} stopped mid-epoch in a run of {len(checkpoint['rng'])} "
+                        f"process(es), at a position in each one's share of the epoch; resume it with that many "
+                        f"processes, or resume {os.path.join(run.folder, 'last.pth.tar')} (an epoch's end) "
+                        f"with {run.env.world_size}")
     rng_restored = restore_training_state(checkpoint, run, optimizer_state=not run.args.no_resume_opt)
-    run.progress = Progress(start_epoch=checkpoint["epoch"] + 1, global_step=checkpoint["global_step"],
-                            best_metric=checkpoint["best_metric"], best_epoch=checkpoint["best_epoch"],
-                            history=checkpoint["history"])
+    run.progress = Progress(start_epoch=checkpoint["epoch"] + (0 if mid_epoch else 1),
+                            global_step=checkpoint["global_step"], best_metric=checkpoint["best_metric"],
+                            best_epoch=checkpoint["best_epoch"], history=checkpoint["history"],
+                            start_step=checkpoint.get("epoch_step", 0), start_losses=checkpoint.get("epoch_losses"))
     if run.args.no_resume_opt:
         place_fresh_scheduler(run.scheduler, run.progress, run.args.warmup_epochs)
     if run.progress.start_epoch >= run.args.epochs:
@@ -297,7 +313,8 @@ def resume(run, checkpoint):
                         f"--epochs with --resume to train it further")
     if run.env.is_main:
         write_summary_csv(run.progress.history, os.path.join(run.folder, "summary.csv"))
-    run.log.info(f"Resumed from {run.args.resume}: continuing at epoch {run.progress.start_epoch}")
+    at_step = f" after step {run.progress.start_step}" if mid_epoch else ""
+    run.log.info(f"Resumed from {run.args.resume}: continuing at epoch {run.progress.start_epoch}{at_step}")
     if not rng_restored:
         run.log.warning(f"the checkpoint was written by {len(checkpoint['rng'])} process(es), this run has "
                         f"{run.env.world_size}: data order and augmentation restart from fresh seeds, so the "
@@ -320,8 +337,10 @@ def report_startup(run, precision_reason, lr_origin=""):
     args, env, data = run.args, run.env, run.data
     n_student = count_parameters(run.student)
     n_extra = run.distiller.extra_parameter_count()
+    batch, accum = args.batch_size * env.world_size, args.grad_accum_steps
+    accumulation = f" x {accum} accumulated = {batch * accum} per update" if accum > 1 else ""
     run.log.info(f"Run folder: {run.folder}  ({env.world_size} process(es) on {env.device.type}, "
-                 f"global batch {args.batch_size * env.world_size})")
+                 f"global batch {batch}{accumulation})")
     run.log.info(f"Data: {data.kind} from {data.source}: {data.train_size} train / {data.val_size} val, "
                  f"{args.num_classes} classes, input {tuple(data.config['input_size'])}")
     run.log.info(f"Student {args.model}: {n_student:,} parameters")

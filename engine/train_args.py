@@ -89,6 +89,8 @@ def build_train_parser(distiller_registry):
     g.add_argument("--clip-grad", type=float, default=None, help="gradient clipping threshold")
     g.add_argument("--clip-mode", default="norm", choices=("norm", "value", "agc"))
     g.add_argument("--layer-decay", type=float, default=None)
+    g.add_argument("--grad-accum-steps", type=int, default=1, metavar="K",
+                   help="accumulate the gradients of K batches of --batch-size per optimizer update")
 
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--sched", default="cosine")
@@ -160,6 +162,10 @@ def build_train_parser(distiller_registry):
     g.add_argument("--no-resume-opt", action="store_true",
                    help="with --resume: restore the weights (student, EMAs, distiller modules) and the position "
                         "in the run, but start the optimizer, lr scheduler and AMP scaler afresh")
+    g.add_argument("--recovery-interval", type=int, default=0, metavar="N",
+                   help="also checkpoint every N optimizer updates (recovery-<epoch>-<step>.pth.tar, which "
+                        "--resume continues mid-epoch; 0 = never)")
+    g.add_argument("--checkpoint-hist", type=int, default=10, help="recovery checkpoints kept (the latest)")
     g.add_argument("--eval-metric", default="top1", help="top1, top5 or loss (ema_top1 ... with --model-ema); "
                    "picks best.pth.tar and drives --sched plateau")
     g.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),

@@ -62,7 +62,8 @@ def train(run):
     metrics = {}
     for epoch in range(progress.start_epoch, args.epochs):
         switch_off_mixup(run, epoch)
-        train_metrics = train_one_epoch(run, epoch)
+        start = (progress.start_step, progress.start_losses) if epoch == progress.start_epoch else (0, None)
+        train_metrics = train_one_epoch(run, epoch, *start)
         metrics = evaluate_epoch(run)
         log.info(f"Eval: {epoch}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         value = metrics[args.eval_metric]
