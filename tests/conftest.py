@@ -21,10 +21,11 @@ def _have_fashion_mnist():
     return os.path.isfile(os.path.join(FASHION_MNIST_SYSTEM_DIR, "train-images-idx3-ubyte.gz"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fashion_mnist():
     """For tests on the real Fashion-MNIST (Debian package dataset-fashion-mnist): skipped where it is not
-    installed, but a failure in CI (CI=true), where `bash test.sh` installs it, so it can never go untested."""
+    installed, but a failure in CI (CI=true), where `bash test.sh` installs it, so it can never go untested.
+    Session-scoped, so module-scoped fixtures built on the data (caches, folders) can ask for it too."""
     if not _have_fashion_mnist():
         message = "needs Fashion-MNIST: apt-get install dataset-fashion-mnist (bash test.sh does it as root)"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

@@ -1,7 +1,7 @@
 """RichKD (distillers/richkd.py) against independent float64 computations: the fusion, the (L) term and the (F) term
-(CRD against the fused embedding) with gradients; cached rows mixed like the images; the start-up errors; two
-training steps of every mode for a CNN and a DeiT student with a cache and with a live source, built by train.py's
-own build steps; and a killed, resumed run that ends with the weights of an uninterrupted one."""
+(CRD against the fused embedding) with gradients; cached rows mixed like the images; the start-up errors; a live
+source's input remapping. Training runs on Fashion-MNIST (every mode, cache and live, kill and resume) are in
+test_richkd_fmnist.py."""
 import math
 
 import numpy as np
@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tools.build_cache as build_cache_tool
 from distillers import DISTILLERS, DistillerContext, build_distiller
 from distillers.crd import class_blocks, draw_negatives, negatives_generator
 from distillers.richkd import fuse, fused_embedding, richkd_loss
@@ -19,14 +18,8 @@ from engine.cache import CacheWriter, dataset_identity
 from engine.config import parse_args_with_config
 from engine.errors import UserError
 from engine.features import Features
-from engine.loop import make_batch, train_step
-from engine.run import build_run
 from engine.train_args import build_train_parser
 
-from conftest import REPO
-from test_resume import ARGS as RESUME_ARGS, kill_in_epoch_1_then_resume
-
-DEMO_TEACHER = f"{REPO}/pretrained/convnext_demo_32_fmnist.pth"
 D_S, D_T, D_C, K, N_DATA, N_CLASSES, FEAT = 12, 20, 16, 40, 30, 3, 8
 LABELS = torch.arange(N_DATA) * 7 % N_CLASSES
 
@@ -232,63 +225,3 @@ def test_live_source_sees_the_batch_in_its_own_normalisation_and_size(saved_weig
     assert torch.allclose(richkd.second_source(batch).logits, expected_logits, atol=1e-5)
     assert not source_model.training, "the distiller's train() does not reach the source"
     assert "second_source" not in dict(richkd.named_children()) and not any("frozen" in k for k in richkd.state_dict())
-
-
-TRAIN_SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory):
-    """convnext_demo_32's outputs over the synthetic training set of the runs below."""
-    args = build_cache_tool.build_parser().parse_args([
-        "--dataset", "synthetic", "--synthetic-train-size", str(TRAIN_SIZE), "-b", "16", "-j", "0", "--device", "cpu",
-        "--source", "convnext_demo_32", "--weights", DEMO_TEACHER,
-        "--output", str(tmp_path_factory.mktemp("cache") / "demo")])
-    return build_cache_tool.build_cache(args)
-
-
-@pytest.mark.parametrize("student", ["resnet18", "deit_tiny_patch16_224"])
-@pytest.mark.parametrize("source", ["cache", "live"])
-def test_every_mode_trains_two_steps(tmp_path, saved_weights, synthetic_cache, student, source):
-    source_flags = ["--richkd-cache", synthetic_cache] if source == "cache" else [
-        "--richkd-source", "resnet18", "--richkd-source-pretrained", saved_weights("resnet18", num_classes=10),
-        "--richkd-source-mean", "0.4", "0.4", "0.4", "--richkd-source-std", "0.3", "0.3", "0.3",
-        "--richkd-source-img-size", "40"]
-    for mode, mixup in (("L", "0"), ("F", "0"), ("LF", "0.8")):
-        argv = ["--dataset", "synthetic", "--synthetic-train-size", str(TRAIN_SIZE), "--synthetic-val-size", "16",
-                "--img-size", "32", "-b", "8", "--workers", "0", "--model", student, "--teacher", "convnext_demo_32",
-                "--teacher-pretrained", DEMO_TEACHER, "--distiller", "richkd", "--richkd-mode", mode, "--mixup", mixup,
-                "--crd-k", "16", "--teacher-precision", "fp32", "--no-eval-teacher", "--lr", "0.01", "--drop-path",
-                "0", "--output", str(tmp_path), "--experiment", mode, *source_flags]
-        run = build_run(parse_args_with_config(build_train_parser(DISTILLERS), argv))
-        before = {k: v.clone() for k, v in run.student.state_dict().items()}
-        loader = iter(run.data.train_loader)
-        run.model.train()
-        for _ in range(2):
-            images, labels, index = next(loader)
-            batch = make_batch(images, labels, index, run.env.device, run.mixup)
-            loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast)
-            assert set(losses) == {"ce"} | {f"richkd_{t}" for t, m in (("logit", "L"), ("feat", "F")) if m in mode}
-            assert torch.isfinite(loss) and all(torch.isfinite(v) for v in losses.values())
-            for name, p in run.distiller.named_parameters():
-                if not name.startswith("student."):
-                    assert p.grad is not None and p.grad.abs().sum() > 0, name
-        assert any(not torch.equal(v, before[k]) for k, v in run.student.state_dict().items() if v.is_floating_point())
-
-
-@pytest.mark.slow
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    """(L+F) from a cache, with mixup: weights, CRD banks, Z and step come back bit-identical."""
-    size = RESUME_ARGS[RESUME_ARGS.index("--synthetic-train-size") + 1]
-    cache = build_cache_tool.build_cache(build_cache_tool.build_parser().parse_args([
-        "--dataset", "synthetic", "--synthetic-train-size", size, "-b", "64", "-j", "0", "--device", "cpu",
-        "--source", "convnext_demo_32", "--weights", DEMO_TEACHER, "--output", str(tmp_path / "cache")]))
-    ref, res, _ = kill_in_epoch_1_then_resume(tmp_path, [
-        *RESUME_ARGS, "--model", "cifar_resnet8x4", "--distiller", "richkd", "--teacher", "convnext_demo_32",
-        "--teacher-pretrained", DEMO_TEACHER, "--richkd-cache", cache, "--crd-k", "64", "--mixup", "0.2",
-        "--teacher-precision", "fp32", "--no-eval-teacher"])
-    saved = set(ref["distiller_extra"])
-    assert saved >= {"memory_student", "memory_teacher", "z", "step", "embed_t.source.linear.weight"}
-    for key in ("state_dict", "distiller_extra"):
-        for name, tensor in ref[key].items():
-            assert torch.equal(tensor, res[key][name]), f"{key}.{name}"
