@@ -8,7 +8,9 @@ from engine.features import FeatureRequest, extract_features
 
 
 @pytest.mark.parametrize("name,params,embed,stages", [
-    ("convnext_demo_32", 1_905_994, 256, [(32, 8, 8), (64, 4, 4), (128, 2, 2), (256, 1, 1)]),
+    # timm's patch-2 ConvNeXt (1,905,994) without stage 0's downsample (LayerNorm 2x32 + 2x2 conv 32*32*4+32)
+    ("convnext_demo_32", 1_905_994 - (2 * 32 + 32 * 32 * 4 + 32), 256,
+     [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]),
     ("deit_demo_32", 459_562, 96, [(65, 96)] * 4),  # NLC: 64 patch tokens and the class token
 ])
 def test_shapes(name, params, embed, stages):
