@@ -5,11 +5,15 @@
   parameters at 10 classes.
 - `deit_demo_32`: DeiT/ViT (the student family), patch 4 (8x8 tokens + class token), width 96, depth 4,
   3 heads; 0.46M parameters at 10 classes.
-Both keep timm's forward_intermediates()/forward_head(), so every distiller works on them unchanged.
+- `mixer_demo_32`: MLP-Mixer (the family of the paper's Mixer-B/16 teacher and ResMLP student), patch 4 (8x8
+  tokens, no class token), width 96 like the DeiT student, depth 6, timm's (0.5, 4) MLP ratios; 0.49M parameters
+  at 10 classes, so the fidelity study's two students differ in architecture, not size.
+All keep timm's forward_intermediates()/forward_head(), so every distiller works on them unchanged.
 """
 from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
+from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 
 
@@ -37,6 +41,7 @@ def _cfg(**kwargs):
 default_cfgs = generate_default_cfgs({
     "convnext_demo_32": _cfg(first_conv="stem.0", classifier="head.fc"),
     "deit_demo_32": _cfg(first_conv="patch_embed.proj", classifier="head"),
+    "mixer_demo_32": _cfg(first_conv="stem.proj", classifier="head"),
 })
 
 
@@ -53,4 +58,12 @@ def deit_demo_32(pretrained=False, **kwargs):
     model_args = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3)
     return build_model_with_cfg(VisionTransformer, "deit_demo_32", pretrained,
                                 feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+                                **dict(model_args, **kwargs))
+
+
+@register_model
+def mixer_demo_32(pretrained=False, **kwargs):
+    model_args = dict(img_size=32, patch_size=4, embed_dim=96, num_blocks=6)
+    return build_model_with_cfg(MlpMixer, "mixer_demo_32", pretrained,
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3, 4, 5), feature_cls="getter"),
                                 **dict(model_args, **kwargs))

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Feature similarity of a teacher and its students (the paper's Figure 4): a linear-CKA heatmap PNG.
+
+    python tools/cka.py --teacher convnext_demo_32 --teacher-checkpoint pretrained/convnext_demo_32_fmnist.pth \
+        --student-checkpoint RUN/last.pth.tar --output cka.png
+    # several students of one teacher, side by side in one PNG (one panel each, one colour scale):
+    python tools/cka.py --teacher ... --teacher-checkpoint ... \
+        --student-checkpoint A/last.pth.tar B/last.pth.tar --labels scratch rsd --output cka.png --json cka.json
+
+Rows are the teacher's layers, columns the student's; each cell is minibatch linear CKA (engine/cka.py:
+unbiased HSIC averaged over minibatches, features flattened per image) over `--images` validation images, a
+fixed class-balanced choice. `--layers blocks` (default) takes every output of timm's forward_intermediates()
+(each block of a ViT or Mixer; each stage of a ConvNeXt, which timm reports per stage), `--layers stages` the
+paper's stages 1-4 from the stage table; the pooled embedding and the logits follow as the last two layers.
+Every model sees the same batches, normalised as the student's checkpoint records (the study's teacher and
+students share their input statistics). The data and the student's architecture default to those its
+training checkpoint records; plain state dicts need --student and, for data other than Fashion-MNIST,
+--dataset.
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+import torch
+from torch.utils.data import DataLoader
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from custom_forward import family_for, stage_features  # noqa: E402
+from engine.cka import MinibatchCKA  # noqa: E402
+from engine.datasets import ClassBalancedSubset, build_dataset  # noqa: E402
+from engine.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
+from engine.features import PAPER_STAGES  # noqa: E402
+from engine.loader import build_eval_transform, resolve_data_settings  # noqa: E402
+from engine.models import create_model, load_weights, read_checkpoint  # noqa: E402
+from engine.train_args import add_data_arguments  # noqa: E402
+
+RECORDED_DATA_KEYS = ("data_dir", "dataset", "num_classes", "img_size", "mean", "std", "crop_pct", "interpolation",
+                      "synthetic_train_size", "synthetic_val_size", "synthetic_seed")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(p)
+    p.set_defaults(batch_size=100, workers=1)
+    p.add_argument("--teacher", required=True, help="timm model name of the teacher")
+    p.add_argument("--teacher-checkpoint", required=True, help="the teacher's weights")
+    p.add_argument("--student", nargs="+", default=[],
+                   help="student model name(s): one for all checkpoints or one each (default: as recorded)")
+    p.add_argument("--student-checkpoint", nargs="+", required=True,
+                   help="a run's last/best.pth.tar or a student export; several give panels side by side")
+    p.add_argument("--labels", nargs="+", default=[], help="panel titles, one per student checkpoint")
+    p.add_argument("--num-classes", type=int, default=None, help="default: as recorded, else the dataset's")
+    p.add_argument("--images", type=int, default=500, help="validation images (class-balanced, fixed)")
+    p.add_argument("--layers", default="blocks", choices=("blocks", "stages"))
+    p.add_argument("--estimator", default="unbiased", choices=("unbiased", "biased"),
+                   help="HSIC estimator; biased with one minibatch is the classic full-batch linear CKA")
+    p.add_argument("--output", required=True, help="heatmap PNG")
+    p.add_argument("--json", default="", help="also write the CKA matrices here")
+    return p
+
+
+def fill_data_args(args, recorded):
+    """Data settings the student's training run recorded, where not given on the command line."""
+    for key in RECORDED_DATA_KEYS:
+        if getattr(args, key) in (None, "") and recorded.get(key) not in (None, ""):
+            setattr(args, key, recorded[key])
+    args.dataset = args.dataset or "fashion_mnist"
+
+
+def recorded_args(checkpoint):
+    """The training arguments a checkpoint of ours records ({} for a plain state dict)."""
+    recorded = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def load_students(args, checkpoints, num_classes):
+    """[(label, model name, model)] of the student checkpoints (already read: `checkpoints`), in order."""
+    paths = args.student_checkpoint
+    if len(args.student) not in (0, 1, len(paths)):
+        raise UserError(f"--student takes one model name for all {len(paths)} checkpoints or one each, "
+                        f"got {len(args.student)}")
+    if args.labels and len(args.labels) != len(paths):
+        raise UserError(f"--labels takes one title per student checkpoint ({len(paths)}), got {len(args.labels)}")
+    names = args.student * len(paths) if len(args.student) == 1 else args.student or [None] * len(paths)
+    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(path))) for path in paths]
+    students = []
+    for path, name, label, checkpoint in zip(paths, names, labels, checkpoints):
+        recorded = recorded_args(checkpoint)
+        name = name or recorded.get("model")
+        if not name:
+            raise UserError(f"{path!r} does not record its architecture; pass --student NAME")
+        model = create_model(name, num_classes=recorded.get("num_classes") or num_classes, img_size=args.img_size)
+        load_weights(model, path, name, role="student", checkpoint=checkpoint)
+        students.append((label, name, model.eval()))
+    return students
+
+
+def layer_outputs(model, x, layers):
+    """[(layer name, features)] of one batch: the model's blocks or paper stages, its embedding, its logits."""
+    if layers == "stages":
+        final, stages = stage_features(model, x, PAPER_STAGES)
+        named = [(f"stage {s}", t) for s, t in stages.items()]
+    else:
+        info = getattr(model, "feature_info", None)
+        if not isinstance(info, list) or not info:
+            raise UserError(f"{type(model).__name__} lists no intermediate outputs (feature_info); use --layers stages")
+        final, outs = family_for(model).run(model, x, list(range(len(info))))
+        named = [(entry["module"], t) for entry, t in zip(info, outs)]
+    embedding = model.forward_head(final, pre_logits=True)
+    return named + [("embedding", embedding), ("logits", model.forward_head(final))]
+
+
+def validation_batches(args, dataset, model):
+    """Minibatches of `args.images` class-balanced validation images, transformed for `model`."""
+    if not 4 <= args.images <= len(dataset):
+        raise UserError(f"--images {args.images} must lie between 4 and the validation set's {len(dataset)} images")
+    batch_size = min(args.batch_size, args.images)
+    if batch_size < 4:
+        raise UserError(f"--batch-size {args.batch_size}: minibatch CKA needs at least 4 images per minibatch")
+    subset = ClassBalancedSubset(dataset, args.images)
+    subset.transform = build_eval_transform(resolve_data_settings(args, model, dataset))
+    # drop_last: every minibatch holds batch_size images, so each HSIC estimate has the same weight
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=True, num_workers=args.workers)
+
+
+def compute(args):
+    """The CKA matrices of every student against the teacher, with their layer names (a JSON-ready dict)."""
+    checkpoints = [read_checkpoint(path) for path in args.student_checkpoint]
+    fill_data_args(args, recorded_args(checkpoints[0]))
+    dataset = build_dataset(args.dataset, args.data_dir, "val", args)
+    num_classes = args.num_classes or dataset.num_classes
+    students = load_students(args, checkpoints, num_classes)
+    teacher = create_model(args.teacher, num_classes=num_classes, img_size=args.img_size)
+    load_weights(teacher, args.teacher_checkpoint, args.teacher, role="teacher")
+    teacher.eval()
+    accumulators = [MinibatchCKA(unbiased=args.estimator == "unbiased") for _ in students]
+    seen = 0
+    with torch.inference_mode():
+        for images, _ in validation_batches(args, dataset, students[0][2]):
+            teacher_named = layer_outputs(teacher, images, args.layers)
+            student_named = [layer_outputs(model, images, args.layers) for _, _, model in students]
+            for accumulator, named in zip(accumulators, student_named):
+                accumulator.update([t for _, t in teacher_named], [t for _, t in named])
+            seen += len(images)
+    return {
+        "teacher": args.teacher, "teacher_checkpoint": args.teacher_checkpoint,
+        "teacher_layers": [name for name, _ in teacher_named], "images": seen,
+        "minibatches": accumulators[0].batches, "estimator": args.estimator, "layers": args.layers,
+        "students": [{"label": label, "model": name, "checkpoint": path, "layers": [n for n, _ in named],
+                      "cka": accumulator.value().tolist()}
+                     for (label, name, _), path, named, accumulator in zip(students, args.student_checkpoint,
+                                                                           student_named, accumulators)]}
+
+
+def plot_heatmaps(result, path):
+    """One panel per student, teacher layers down, student layers across, one colour scale (0 to 1)."""
+    students, rows = result["students"], result["teacher_layers"]
+    widths = [len(s["layers"]) for s in students]
+    fig, axes = plt.subplots(1, len(students), squeeze=False, gridspec_kw={"width_ratios": widths},
+                             figsize=(1.2 + 0.55 * sum(widths) + 0.8 * len(students), 1.6 + 0.5 * len(rows)))
+    for ax, student in zip(axes[0], students):
+        image = ax.imshow(student["cka"], vmin=0.0, vmax=1.0, cmap="magma", aspect="auto")
+        for i, row in enumerate(student["cka"]):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+        ax.set_xticks(range(len(student["layers"])), student["layers"], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows if ax is axes[0][0] else [""] * len(rows), fontsize=8)
+        ax.set_title(f"{student['label']}\n{student['model']}", fontsize=9)
+    axes[0][0].set_ylabel(f"teacher {result['teacher']}")
+    fig.colorbar(image, ax=list(axes[0]), fraction=0.03, label="linear CKA")
+    fig.suptitle(f"linear CKA ({result['estimator']} minibatch HSIC, {result['images']} validation images)",
+                 fontsize=10)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+@exit_cleanly_on_user_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    result = compute(args)
+    plot_heatmaps(result, args.output)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"CKA over {result['images']} images ({result['minibatches']} minibatches): {args.output}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
