@@ -37,6 +37,9 @@ run() {  # name, extra train.py flags: skipped when finished, resumed when inter
     fi
 }
 run kd --distiller kd &
+kd=$!
 run richkd_L --distiller richkd --richkd-mode L --richkd-cache "$OUT/cache" &
-wait
+richkd=$!
+wait "$kd" || { echo "the KD run failed: see $OUT/kd.log" >&2; exit 1; }
+wait "$richkd" || { echo "the RichKD run failed: see $OUT/richkd_L.log" >&2; exit 1; }
 grep -h "Done:" "$OUT/source/log.txt" "$OUT/kd/log.txt" "$OUT/richkd_L/log.txt"
