@@ -9,6 +9,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+@pytest.fixture(scope="session")
+def random_demo_teacher(tmp_path_factory):
+    """A random-init convnext_demo_32 checkpoint: the machinery under test needs no trained weights."""
+    from engine.models import create_model
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "convnext_demo_32.pth"
+    torch.save(create_model("convnext_demo_32", num_classes=10).state_dict(), path)
+    return str(path)
+
+
 def run_cli(script, *args, env=None, timeout=600, cwd=REPO):
     """Run one of the repo's CLIs in a subprocess; returns CompletedProcess with text output."""
     full_env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **(env or {}))

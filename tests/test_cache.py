@@ -33,29 +33,20 @@ def tool_args(output, *flags, size=N):
          "--output", str(output), *flags])
 
 
-@pytest.fixture(scope="module")
-def demo_weights(tmp_path_factory):
-    """A random-init convnext_demo_32 checkpoint: the cache's mechanics need no trained source."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "convnext_demo_32.pth"
-    torch.save(create_model("convnext_demo_32", num_classes=10).state_dict(), path)
-    return str(path)
-
-
 def demo_source_flags(weights):
     return ["--source", "convnext_demo_32", "--weights", weights]
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory, demo_weights):
+def demo_cache(tmp_path_factory, random_demo_teacher):
     return build_cache_tool.build_cache(tool_args(tmp_path_factory.mktemp("cache") / "demo",
-                                                  *demo_source_flags(demo_weights)))
+                                                  *demo_source_flags(random_demo_teacher)))
 
 
-def test_timm_source_rows_equal_a_direct_forward_on_clean_images(demo_cache, demo_weights):
+def test_timm_source_rows_equal_a_direct_forward_on_clean_images(demo_cache, random_demo_teacher):
     dataset = make_synthetic("train", N, 10)
-    model = load_weights(create_model("convnext_demo_32", num_classes=10), demo_weights, "convnext_demo_32").eval()
-    settings = resolve_data_settings(tool_args("unused", *demo_source_flags(demo_weights)), model, dataset)
+    model = load_weights(create_model("convnext_demo_32", num_classes=10), random_demo_teacher, "convnext_demo_32").eval()
+    settings = resolve_data_settings(tool_args("unused", *demo_source_flags(random_demo_teacher)), model, dataset)
     dataset.transform = build_eval_transform(settings)
     images = torch.stack([dataset[i][0] for i in range(N)])
     with torch.no_grad():
@@ -84,8 +75,8 @@ def test_a_cache_of_another_dataset_or_lacking_an_array_is_refused(demo_cache):
         cache.check(ours, ["logits"], 12)
 
 
-def test_only_the_requested_arrays_are_stored(tmp_path, demo_weights):
-    path = build_cache_tool.build_cache(tool_args(tmp_path / "c", *demo_source_flags(demo_weights), "--store",
+def test_only_the_requested_arrays_are_stored(tmp_path, random_demo_teacher):
+    path = build_cache_tool.build_cache(tool_args(tmp_path / "c", *demo_source_flags(random_demo_teacher), "--store",
                                                   "logits"))
     cache = SourceCache(path)
     assert set(cache.arrays) == {"logits"} and cache.lookup(torch.tensor([1])).embedding is None
@@ -93,7 +84,7 @@ def test_only_the_requested_arrays_are_stored(tmp_path, demo_weights):
         cache.check(dataset_labels(make_synthetic("train", N, 10)), ["embedding"], 10)
 
 
-def test_interrupted_build_resumes_and_ends_with_the_same_files(tmp_path, monkeypatch, demo_cache, demo_weights):
+def test_interrupted_build_resumes_and_ends_with_the_same_files(tmp_path, monkeypatch, demo_cache, random_demo_teacher):
     original = build_cache_tool.build_source
 
     def interrupted_on_third_batch(*args, **kwargs):
@@ -110,14 +101,14 @@ def test_interrupted_build_resumes_and_ends_with_the_same_files(tmp_path, monkey
     target = tmp_path / "resumed"
     monkeypatch.setattr(build_cache_tool, "build_source", interrupted_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        build_cache_tool.build_cache(tool_args(target, *demo_source_flags(demo_weights)))
+        build_cache_tool.build_cache(tool_args(target, *demo_source_flags(random_demo_teacher)))
     assert not target.exists(), "nothing appears at the output path until the cache is complete"
     partial = tmp_path / "resumed.partial"
     assert json.loads((partial / "meta.json").read_text())["done"] == 2 * BATCH
     with pytest.raises(UserError, match="unfinished"):
         SourceCache(str(partial))
     monkeypatch.setattr(build_cache_tool, "build_source", original)
-    assert build_cache_tool.build_cache(tool_args(target, *demo_source_flags(demo_weights))) == str(target)
+    assert build_cache_tool.build_cache(tool_args(target, *demo_source_flags(random_demo_teacher))) == str(target)
     assert not partial.exists()
     for name in ("meta.json", "logits.npy", "embedding.npy"):
         assert (target / name).read_bytes() == (Path(demo_cache) / name).read_bytes(), name

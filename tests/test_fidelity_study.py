@@ -14,7 +14,6 @@ from distillers import DISTILLERS
 from engine.config import parse_args_with_config
 from engine.datasets import make_synthetic
 from engine.features import FeatureRequest, extract_features
-from engine.models import create_model
 from engine.run import build_run
 from engine.train_args import build_train_parser
 from tools import fidelity_study as study
@@ -37,27 +36,18 @@ def test_mixer_demo_parameter_count_by_hand_and_stages():
     assert [tuple(feats.stages[s].shape[1:]) for s in (1, 2, 3, 4)] == [(tokens, d)] * 4
 
 
-@pytest.fixture(scope="module")
-def teacher_checkpoint(tmp_path_factory):
-    """A random-init convnext_demo_32 (the shipped weights are not needed to test the machinery)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "convnext_demo_32.pth"
-    torch.save(create_model("convnext_demo_32", num_classes=10).state_dict(), path)
-    return str(path)
-
-
 def children_cpu_seconds():
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
 @pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory, teacher_checkpoint):
+def tiny_study(tmp_path_factory, random_demo_teacher):
     """The tiny grid, with the CPU seconds it took: the study and every train.py under it (OMP_NUM_THREADS=1,
     one process at a time), i.e. its wall time on a machine of its own, whatever else shares this one."""
     out = tmp_path_factory.mktemp("study")
     before = children_cpu_seconds()
-    result = run_cli("tools/fidelity_study.py", "--tiny", "--out", out, "--teacher-checkpoint", teacher_checkpoint)
+    result = run_cli("tools/fidelity_study.py", "--tiny", "--out", out, "--teacher-checkpoint", random_demo_teacher)
     return out, result, children_cpu_seconds() - before
 
 
@@ -94,12 +84,12 @@ def test_tiny_mode_runs_end_to_end_within_budget(tiny_study):
 
 
 @pytest.mark.slow
-def test_second_invocation_skips_finished_runs(tiny_study, teacher_checkpoint):
+def test_second_invocation_skips_finished_runs(tiny_study, random_demo_teacher):
     out, first, _ = tiny_study
     assert first.returncode == 0, first.stderr[-3000:]
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed0/last.pth.tar")}
     results = (out / "results.csv").read_text()
-    again = run_cli("tools/fidelity_study.py", "--tiny", "--out", out, "--teacher-checkpoint", teacher_checkpoint,
+    again = run_cli("tools/fidelity_study.py", "--tiny", "--out", out, "--teacher-checkpoint", random_demo_teacher,
                     "--cka-images", "0")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished before, skipped") == 4 and "starting" not in again.stdout
@@ -108,13 +98,13 @@ def test_second_invocation_skips_finished_runs(tiny_study, teacher_checkpoint):
 
 
 @pytest.mark.slow
-def test_same_seed_gives_the_same_top1_and_weights(tiny_study, teacher_checkpoint, tmp_path):
+def test_same_seed_gives_the_same_top1_and_weights(tiny_study, random_demo_teacher, tmp_path):
     """A second grid's seed-0 RSD run equals the first grid's: top-1 and every weight (what a seed does not
     fix, nothing else may change; that another seed changes the start and the order is tested below)."""
     first_out, first, _ = tiny_study
     assert first.returncode == 0, first.stderr[-3000:]
     result = run_cli("tools/fidelity_study.py", "--tiny", "--out", tmp_path, "--teacher-checkpoint",
-                     teacher_checkpoint, "--methods", "rsd", "--students", "deit_demo_32", "--cka-images", "0")
+                     random_demo_teacher, "--methods", "rsd", "--students", "deit_demo_32", "--cka-images", "0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [first_row] = [r for r in read_csv(first_out / "results.csv") if (r["pair"], r["method"]) == (DEIT, "rsd")]
     [again_row] = read_csv(tmp_path / "results.csv")
@@ -133,7 +123,9 @@ def test_seed_changes_initialisation_and_data_order_not_the_subset(tmp_path):
                 "--output", str(tmp_path), "--experiment", name]
         run = build_run(parse_args_with_config(build_train_parser(DISTILLERS), argv))
         run.writer.close()
-        subset = run.data.train_loader.dataset.dataset
+        subset = run.data.train_loader.dataset  # unwrap the loader's dataset wrappers down to the subset
+        while not hasattr(subset, "indices"):
+            subset = subset.dataset
         order = [int(subset.indices[i]) for _, _, index in run.data.train_loader for i in index]
         return run.student.state_dict(), order
 
