@@ -20,7 +20,8 @@ def add_data_arguments(p):
     g.add_argument("--synthetic-val-size", type=int, default=None, help="--dataset synthetic: images (128)")
     g.add_argument("--synthetic-seed", type=int, default=None, help="--dataset synthetic: generator seed (0)")
     g.add_argument("--train-subset", type=int, default=None, metavar="N",
-                   help="train on a fixed class-balanced subset of N training images (the same for every --seed)")
+                   help="train on a fixed class-balanced subset of N training images (the same for every --seed); "
+                        "0: the whole training set")
     g.add_argument("--train-subset-seed", type=int, default=0, help="which subset --train-subset picks")
     g.add_argument("--img-size", type=int, default=None, help="input size (default: the student's)")
     g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")

@@ -240,7 +240,8 @@ def test_crd_on_fashion_mnist(tmp_path, fashion_mnist):
     from engine.run import build_run
     from engine.train_args import build_train_parser
     args = parse_args_with_config(build_train_parser(DISTILLERS), [
-        "-c", "configs/demo/rsd.yaml", "--distiller", "crd", "-b", "64", "--workers", "0", "--no-eval-teacher",
+        "-c", "configs/demo/rsd.yaml", "--train-subset", "0", "--distiller", "crd", "-b", "64", "--workers", "0",
+        "--no-eval-teacher",
         "--output", str(tmp_path), "--experiment", "crd"])
     run = build_run(args)
     crd = run.distiller

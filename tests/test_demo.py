@@ -41,8 +41,8 @@ def test_demo_command_summary_and_validate_agree(tmp_path):
     assert done, result.stdout[-2000:]
     teacher_top1, student_top1, folder = float(done.group(1)), float(done.group(2)), done.group(3)
     assert abs(teacher_top1 - recorded_teacher_top1()) <= 0.1
-    assert student_top1 > 50  # ten classes: far above chance after one epoch
-    assert re.search(r"Train: 0 \[ 100/468 .* ETA epoch \d+:\d\d:\d\d run \d+:\d\d:\d\d", result.stdout)
+    assert student_top1 > 40  # ten classes: far above chance after one epoch over the 15,000-image subset
+    assert re.search(r"Train: 0 \[ 100/117 .* ETA epoch \d+:\d\d:\d\d run \d+:\d\d:\d\d", result.stdout)
     assert os.path.isfile(os.path.join(folder, "last.pth.tar"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(folder))
     scored = validate("--checkpoint", os.path.join(folder, "last.pth.tar"))
