@@ -24,7 +24,7 @@ from engine.distributed import DistEnv
 from engine.errors import UserError, exit_cleanly_on_user_error
 from engine.loader import build_eval_loader, resolve_data_settings
 from engine.loop import evaluate
-from engine.models import count_parameters, create_model, load_weights, read_checkpoint
+from engine.models import count_parameters, create_model, load_weights, read_checkpoint, recorded_args
 from engine.precision import AMP_DTYPES, autocast_context, default_device
 from engine.train_args import add_data_arguments
 
@@ -79,9 +79,7 @@ def write_results(rows, path):
 def _fill_from_checkpoint(args, checkpoint):
     """Model name, class count, input size and model kwargs recorded in a training checkpoint (ours: a dict;
     timm's train.py: an argparse.Namespace), unless given."""
-    recorded = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
-    if isinstance(recorded, argparse.Namespace):  # timm train.py's checkpoints
-        recorded = vars(recorded)
+    recorded = recorded_args(checkpoint)
     args.model = args.model or recorded.get("model", "")
     if not args.model:
         raise UserError(f"{args.checkpoint!r} does not record its architecture; pass --model NAME")

@@ -28,6 +28,7 @@ from engine.errors import UserError
 from engine.features import FeatureRequest, Features
 from engine.models import create_model, embedding_dim, load_weights
 from engine.teacher import FrozenSource, InputSpec
+from engine.train_args import add_input_spec_arguments
 
 from .base import Distiller, at_least_fp32
 from .crd import CRD, L2Embedding
@@ -157,12 +158,7 @@ class RichKD(CRD):
         g.add_argument("--richkd-cache", default="", help="cached second source (tools/build_cache.py)")
         g.add_argument("--richkd-source", default="", help="live second source: a timm model name")
         g.add_argument("--richkd-source-pretrained", default="", help="the live source's checkpoint")
-        g.add_argument("--richkd-source-mean", type=float, nargs=3, default=None, metavar="M",
-                       help="input mean of the live source (default: the student's)")
-        g.add_argument("--richkd-source-std", type=float, nargs=3, default=None, metavar="S",
-                       help="input std of the live source (default: the student's)")
-        g.add_argument("--richkd-source-img-size", type=int, default=None,
-                       help="input size of the live source (default: the student's)")
+        add_input_spec_arguments(g, "--richkd-source", "the live source")
 
     def self_synced_buffers(self):
         return super().self_synced_buffers() if self.contrastive else []

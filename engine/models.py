@@ -152,6 +152,15 @@ def check_pretrained_coverage(model, name, num_classes, path, state):
                         f"weights of this architecture")
 
 
+def recorded_args(checkpoint):
+    """The training arguments a checkpoint records, as a dict: ours store a dict, timm train.py's an
+    argparse.Namespace; {} for a plain state dict."""
+    recorded = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(recorded, argparse.Namespace):
+        recorded = vars(recorded)
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 

@@ -83,7 +83,7 @@ def resolve_lr(args, world_size):
     if args.lr_base_size < 1:
         raise UserError(f"--lr-base-size must be at least 1 (the global batch --lr-base is meant for), "
                         f"got {args.lr_base_size}")
-    global_batch = args.batch_size * world_size * (getattr(args, "grad_accum_steps", None) or 1)
+    global_batch = args.batch_size * world_size * args.grad_accum_steps
     ratio = global_batch / args.lr_base_size
     if not args.lr_base_scale:
         args.lr_base_scale = "sqrt" if any(name in args.opt.lower() for name in ("ada", "lamb")) else "linear"

@@ -1,6 +1,7 @@
 """Precision choices in one place: the teacher's forward precision, the student's AMP dtype, the default
 device, and the autocast contexts built from them."""
 import contextlib
+import platform
 import warnings
 
 import torch
@@ -10,6 +11,16 @@ from .errors import UserError
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --teacher-precision; auto is resolved at start-up
 TEACHER_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # None: no autocast
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # --amp-dtype
+
+
+def cpu_model_name():
+    """The CPU's model name, as lscpu prints it ("AMD EPYC", "Intel(R) Xeon(R) ..."): figures name their CPU."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def default_device():

@@ -30,7 +30,7 @@ from .errors import UserError
 from .datasets import dataset_labels
 from .loop import updates_per_epoch
 from .loader import build_loaders, build_mixup, load_datasets, resolve_data_settings
-from .models import count_parameters, create_model, load_weights
+from .models import RATE_FLAGS, count_parameters, create_model, load_weights
 from .optim import build_optimizer, resolve_lr
 from .precision import autocast_context, resolve_teacher_precision
 from .stages import probe_stages
@@ -39,7 +39,7 @@ from .teacher import FrozenSource, build_frozen_teacher, build_teacher_model
 EVAL_METRICS = ("top1", "top5", "loss")
 # create_model arguments that have flags of their own, so --model-kwargs may not set them
 MODEL_KWARGS_WITH_FLAGS = {"num_classes": "--num-classes", "img_size": "--img-size", "pretrained": "--pretrained",
-                           "drop_rate": "--drop", "drop_path_rate": "--drop-path", "drop_block_rate": "--drop-block"}
+                           **RATE_FLAGS}
 
 
 @dataclass

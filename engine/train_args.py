@@ -9,6 +9,17 @@ from .precision import AMP_DTYPES, TEACHER_PRECISIONS, default_device  # noqa: F
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
+def add_input_spec_arguments(group, prefix, whose):
+    """PREFIX-mean, PREFIX-std, PREFIX-img-size: the input a frozen source was trained with (engine.teacher's
+    InputSpec), each defaulting to the student's."""
+    group.add_argument(f"{prefix}-mean", type=float, nargs=3, default=None, metavar="M",
+                       help=f"input mean {whose} was trained with (default: the student's)")
+    group.add_argument(f"{prefix}-std", type=float, nargs=3, default=None, metavar="S",
+                       help=f"input std {whose} was trained with (default: the student's)")
+    group.add_argument(f"{prefix}-img-size", type=int, default=None,
+                       help=f"input size of {whose}; batches are resized to it (default: the student's)")
+
+
 def add_data_arguments(p):
     """Dataset and input-pipeline flags shared by train.py and validate.py."""
     g = p.add_argument_group("data")
@@ -66,12 +77,7 @@ def build_train_parser(distiller_registry):
     g.add_argument("--teacher-precision", default="auto", choices=TEACHER_PRECISIONS,
                    help="teacher forward precision (autocast); auto = bf16 where the device computes it natively "
                         "(GPUs, CPUs with AMX or AVX512-BF16), else fp32")
-    g.add_argument("--teacher-mean", type=float, nargs=3, default=None, metavar="M",
-                   help="input mean the teacher was trained with (default: the student's)")
-    g.add_argument("--teacher-std", type=float, nargs=3, default=None, metavar="S",
-                   help="input std the teacher was trained with (default: the student's)")
-    g.add_argument("--teacher-img-size", type=int, default=None,
-                   help="teacher input size; batches are resized to it (default: the student's)")
+    add_input_spec_arguments(g, "--teacher", "the teacher")
     g.add_argument("--no-eval-teacher", action="store_true", help="skip scoring the teacher before training")
 
     g = p.add_argument_group("distillation")

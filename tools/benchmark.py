@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from engine.batch import Batch  # noqa: E402
 from engine.loop import train_step  # noqa: E402
 from engine.models import count_parameters, create_model  # noqa: E402
 from engine.precision import AMP_DTYPES, TEACHER_PRECISIONS, autocast_context, default_device  # noqa: E402
-from engine.precision import resolve_teacher_precision  # noqa: E402
+from engine.precision import cpu_model_name, resolve_teacher_precision  # noqa: E402
 from engine.stages import probe_stages  # noqa: E402
 from engine.teacher import FrozenSource  # noqa: E402
 from engine.train_args import build_train_parser  # noqa: E402
@@ -88,14 +87,7 @@ class PeakMemory:
 
 
 def device_description(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
 
 
 def _synchronize(device):

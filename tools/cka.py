@@ -38,7 +38,7 @@ from engine.datasets import ClassBalancedSubset, build_dataset  # noqa: E402
 from engine.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
 from engine.features import PAPER_STAGES  # noqa: E402
 from engine.loader import build_eval_transform, resolve_data_settings  # noqa: E402
-from engine.models import create_model, load_weights, read_checkpoint  # noqa: E402
+from engine.models import create_model, load_weights, read_checkpoint, recorded_args  # noqa: E402
 from engine.train_args import add_data_arguments  # noqa: E402
 
 RECORDED_DATA_KEYS = ("data_dir", "dataset", "num_classes", "img_size", "mean", "std", "crop_pct", "interpolation",
@@ -72,12 +72,6 @@ def fill_data_args(args, recorded):
         if getattr(args, key) in (None, "") and recorded.get(key) not in (None, ""):
             setattr(args, key, recorded[key])
     args.dataset = args.dataset or "fashion_mnist"
-
-
-def recorded_args(checkpoint):
-    """The training arguments a checkpoint of ours records ({} for a plain state dict)."""
-    recorded = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    return recorded if isinstance(recorded, dict) else {}
 
 
 def load_students(args, checkpoints, num_classes):

@@ -42,9 +42,11 @@ sys.path.insert(0, REPO)
 
 import custom_model  # noqa: E402,F401  (registers the demo students with timm before --students is checked)
 from distillers import DISTILLERS  # noqa: E402
+from engine.checkpoint import atomic_write_text  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
 from engine.loop import format_seconds  # noqa: E402
+from engine.precision import cpu_model_name  # noqa: E402
 from engine.train_args import build_train_parser  # noqa: E402
 from tools.cka import main as cka_main  # noqa: E402
 
@@ -99,10 +101,7 @@ def read_marker(folder):
 
 def write_marker(folder, marker):
     """Atomically, so a killed study never leaves a half-written marker."""
-    path = os.path.join(folder, MARKER)
-    with open(path + ".tmp", "w") as f:
-        json.dump(marker, f)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(json.dumps(marker), os.path.join(folder, MARKER))
 
 
 def epoch_rows(folder):
@@ -121,20 +120,6 @@ def is_finished(folder):
     with open(args_path) as f:
         epochs = yaml.safe_load(f)["epochs"]
     return len(epoch_rows(folder)) >= epochs
-
-
-def cpu_model():
-    """The CPU's model name as lscpu prints it (/proc/cpuinfo where lscpu is missing)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        key = "Model name:"
-    except (OSError, subprocess.CalledProcessError):
-        with open("/proc/cpuinfo") as f:
-            text, key = f.read(), "model name"
-    for line in text.splitlines():
-        if line.strip().startswith(key):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def train_command(config, folder, student, method, seed, teacher_checkpoint, extra):
@@ -308,7 +293,7 @@ def run_grid(out, config, pairs, methods, seeds, teacher_checkpoint, extra):
     """Train every run of the grid that is not finished, seed-major (so an early stop leaves whole seeds),
     with a progress line per run and the outputs rewritten after each."""
     grid = [(pair, method, seed) for seed in seeds for pair in pairs for method in methods]
-    cpu = cpu_model()
+    cpu = cpu_model_name()
     for k, (pair, method, seed) in enumerate(grid, 1):
         folder = run_folder(out, pair, method, seed)
         head = f"[{k}/{len(grid)}] {pair} {method} seed {seed}"
