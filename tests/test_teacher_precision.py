@@ -53,3 +53,16 @@ def test_bf16_swin_tiny_embeddings_track_fp32():
     fp32, bf16 = embeddings(model, images, "fp32"), embeddings(model, images, "bf16")
     assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # bf16 really ran
     assert per_dimension_pearson(fp32, bf16).min() >= 0.999
+
+
+@pytest.mark.parametrize("flags, isa", [("fpu sse2 avx2 fma", "avx2"),
+                                         ("avx2 avx512f avx512bw avx512_bf16", "avx512_bf16"),
+                                         ("avx2 avx512f amx_bf16 amx_tile avx512_bf16", "amx_tile")])
+def test_cpu_name_tells_the_vector_isa(tmp_path, flags, isa):
+    """Figures name their CPU: two EPYCs with the same model name but different vector units must read differently."""
+    from engine.precision import cpu_model_name
+    block = f"processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(block + "\n" + block.replace(": 0", ": 1", 1))
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_model_name(str(cpuinfo)) == f"AMD EPYC (family 25 model 1, {isa}, {cores} cores)"
