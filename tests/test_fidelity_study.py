@@ -213,3 +213,24 @@ def test_table_of_a_known_csv(tmp_path):
                 assert cell == f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
         assert cells["scratch"][1] == "-" and cells["kd"][0] == "-"
     assert "CPU: CPU A." in text and "Dates: 2026-11-20 to 2026-11-22." in text
+
+
+def test_readme_table_is_the_committed_results():
+    """The README's study table quotes results/fidelity/results.csv: recomputed here with statistics' own mean and
+    sample std from the raw rows, every cell must match to the printed two decimals, 3 seeds each."""
+    import os
+    import statistics
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "results", "fidelity", "results.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    readme = open(os.path.join(repo, "README.md")).read()
+    table = readme[readme.index("| method | ConvNeXt -> DeiT"):].split("\n\n")[0].splitlines()[2:]
+    pairs = (DEIT, MIXER)
+    assert [line.split("|")[1].strip().lower() for line in table] == ["scratch", "kd", "dkd", "ofa", "rsd"]
+    for line in table:
+        method = line.split("|")[1].strip().lower()
+        for pair, cell in zip(pairs, line.split("|")[2:4]):
+            mean, std = (float(x) for x in re.findall(r"\d+\.\d+", cell))
+            seeds = [float(r["last_top1"]) for r in rows if r["method"] == method and r["pair"] == pair]
+            assert len(seeds) == 3, (method, pair)
+            assert (mean, std) == (round(statistics.mean(seeds), 2), round(statistics.stdev(seeds), 2)), (method, pair)
