@@ -26,7 +26,7 @@ def fsync_folder(folder):
         os.close(fd)
 
 
-def _write_atomically(path, write):
+def atomic_write(path, write):
     """`write(file)` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
@@ -39,17 +39,17 @@ def _write_atomically(path, write):
 
 def atomic_save(obj, path):
     """torch.save `obj` to `path`; a reader sees the old file or the complete new one, never a partial one."""
-    _write_atomically(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text, path):
     """Write `text` to `path`; a reader sees the old file or the complete new one."""
-    _write_atomically(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_copy(src, dst):
     with open(src, "rb") as source:
-        _write_atomically(dst, lambda f: shutil.copyfileobj(source, f))
+        atomic_write(dst, lambda f: shutil.copyfileobj(source, f))
 
 
 def remove_stale_temporaries(folder):
@@ -66,7 +66,7 @@ def write_summary_csv(history, path):
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
-    _write_atomically(path, lambda f: f.write(text.getvalue().encode()))
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def capture_rng_state():

@@ -34,6 +34,7 @@ sys.path.insert(0, REPO)
 
 from custom_forward import family_for, stage_features  # noqa: E402
 from engine.cka import MinibatchCKA  # noqa: E402
+from engine.checkpoint import atomic_write, atomic_write_text  # noqa: E402
 from engine.datasets import ClassBalancedSubset, build_dataset  # noqa: E402
 from engine.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
 from engine.features import PAPER_STAGES  # noqa: E402
@@ -172,7 +173,7 @@ def plot_heatmaps(result, path):
     fig.suptitle(f"linear CKA ({result['estimator']} minibatch HSIC, {result['images']} validation images)",
                  fontsize=10)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -182,8 +183,7 @@ def main(argv=None):
     result = compute(args)
     plot_heatmaps(result, args.output)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_text(json.dumps(result, indent=1), args.json)
     print(f"CKA over {result['images']} images ({result['minibatches']} minibatches): {args.output}", flush=True)
     return result
 

@@ -22,6 +22,7 @@ CKA maps side by side (tools/cka.py).
 import argparse
 import csv
 import datetime
+import io
 import json
 import math
 import os
@@ -42,7 +43,7 @@ sys.path.insert(0, REPO)
 
 import custom_model  # noqa: E402,F401  (registers the demo students with timm before --students is checked)
 from distillers import DISTILLERS  # noqa: E402
-from engine.checkpoint import atomic_write_text  # noqa: E402
+from engine.checkpoint import atomic_write, atomic_write_text  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
 from engine.loop import format_seconds  # noqa: E402
@@ -187,10 +188,11 @@ def collect_results(out):
 
 
 def write_results_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(text.getvalue(), path)
 
 
 def read_results_csv(path):
@@ -236,8 +238,7 @@ def write_table(rows, path):
         lines += [f"{title}:", "", "| method | " + " | ".join(pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
         lines += [f"| {m} | " + " | ".join(format_cell(stats.get((m, p))) for p in pairs) + " |" for m in methods]
         lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    atomic_write_text("\n".join(lines), path)
 
 
 def plot_top1(rows, path):
@@ -261,7 +262,7 @@ def plot_top1(rows, path):
     axes[0][0].set_ylabel("top-1 (%), last epoch")
     fig.suptitle("mean ± std over seeds (grey: each seed)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130))
     plt.close(fig)
 
 
