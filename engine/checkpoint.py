@@ -90,14 +90,25 @@ def restore_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def gather_objects(obj, world_size):
+    """`obj` of every process, in rank order (a collective: every rank must call it)."""
+    if world_size == 1:
+        return [obj]
+    objects = [None] * world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def gather_rng_states(world_size):
     """Every process's RNG states, in rank order (a collective: every rank must call it)."""
-    state = capture_rng_state()
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
+    return gather_objects(capture_rng_state(), world_size)
+
+
+def ema_buffers(emas):
+    """This process's buffers (BatchNorm running statistics) of each EMA, on the CPU. Mid-epoch they differ
+    between processes: DDP gives every student rank 0's buffers at each forward, but each process's EMA
+    averages what its own student held after its own micro-batch. At an epoch's end `--dist-bn` evens them."""
+    return [{name: buffer.detach().cpu() for name, buffer in ema.module.named_buffers()} for ema in emas]
 
 
 def training_state(run, epoch, rng_states):
@@ -145,12 +156,15 @@ def prune_recovery_files(folder, newest, keep):
 
 def save_recovery(run, epoch, epoch_step, epoch_losses):
     """A mid-epoch checkpoint after `epoch_step` optimizer updates of `epoch`: the epoch checkpoint's states
-    plus the position and the epoch's loss sums so far (`LossTracker.state`). A collective: every process
+    plus the position, the epoch's loss sums so far (`LossTracker.state`) and every process's EMA buffers
+    (`ema_buffers`: they differ between processes mid-epoch). A collective: every process
     calls it at the same step. The oldest files beyond --checkpoint-hist go once the new one is on disk."""
     rng_states = gather_rng_states(run.env.world_size)
+    emas_by_rank = gather_objects(ema_buffers(run.emas), run.env.world_size)
     if not run.env.is_main:
         return
-    state = {**training_state(run, epoch, rng_states), "epoch_step": epoch_step, "epoch_losses": epoch_losses}
+    state = {**training_state(run, epoch, rng_states), "epoch_step": epoch_step, "epoch_losses": epoch_losses,
+             "ema_buffers": emas_by_rank}
     atomic_save(state, recovery_path(run.folder, epoch, epoch_step))
     prune_recovery_files(run.folder, (epoch, epoch_step), run.args.checkpoint_hist)
 
@@ -172,6 +186,10 @@ def restore_training_state(ckpt, run, optimizer_state=True):
     if len(states) != run.env.world_size:
         return False
     restore_rng_state(states[run.env.rank])
+    if "ema_buffers" in ckpt:  # a recovery checkpoint: each process gets its own EMAs' buffers back
+        for ema, buffers in zip(run.emas, ckpt["ema_buffers"][run.env.rank]):
+            for name, buffer in ema.module.named_buffers():
+                buffer.copy_(buffers[name])
     return True
 
 
