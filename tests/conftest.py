@@ -1,3 +1,6 @@
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -20,10 +23,28 @@ def random_demo_teacher(tmp_path_factory):
 
 
 def run_cli(script, *args, env=None, timeout=600, cwd=REPO):
-    """Run one of the repo's CLIs in a subprocess; returns CompletedProcess with text output."""
+    """Run one of the repo's CLIs in a subprocess; returns CompletedProcess with text output. For what only a
+    real process shows (a signal, a launcher, the script file itself); `run_main` runs the same in-process."""
     full_env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def run_main(script, *args, cwd=REPO):
+    """Run one of the repo's CLIs (`train.py`, `tools/x.py`) in this process: its `main(argv)` with stdout and
+    stderr captured and SystemExit caught, from `cwd`. Returns what `run_cli` returns (returncode, stdout,
+    stderr) without a subprocess's ~4-7 s of imports. Any other exception propagates, so a crash fails the test
+    with its traceback; a clean CLI error (exit 2, one `error:` line) comes back as it would from a process."""
+    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    returncode = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd):
+        try:
+            module.main(argv)
+        except SystemExit as exc:
+            returncode = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess([script, *argv], returncode, out.getvalue(), err.getvalue())
 
 
 def _have_fashion_mnist():
@@ -41,6 +62,57 @@ def fashion_mnist():
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def fault_teacher(tmp_path_factory):
+    """The reference runs' teacher: a random-init test_vit checkpoint."""
+    from engine.models import create_model
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("fault_teacher") / "test_vit.pth"
+    torch.save(create_model("test_vit", num_classes=10, img_size=32).state_dict(), path)
+    return str(path)
+
+
+def _reference_run(tmp_path_factory, teacher, nproc):
+    import runs
+    output = tmp_path_factory.mktemp(f"reference_{nproc}p")
+    script = "train.py" if nproc == 1 else "tests/ddp_states.py"  # the latter also saves each rank's states
+    runs.train(nproc, *runs.reference_args(nproc, teacher, output), "--experiment", "reference", script=script)
+    return output / "reference"
+
+
+def _killed_run(tmp_path_factory, teacher, nproc):
+    import runs
+    output = tmp_path_factory.mktemp(f"killed_{nproc}p")
+    mark = {1: "Train: 1 [   5/8", 2: "Train: 1 [   3/6"}[nproc]  # past epoch 1's first recovery checkpoint
+    runs.train_and_kill(nproc, [*runs.reference_args(nproc, teacher, output), "--experiment", "killed"],
+                        output / "killed", mark)
+    return output / "killed"
+
+
+@pytest.fixture(scope="session")
+def one_process_reference(tmp_path_factory, fault_teacher):
+    """The uninterrupted one-process reference run (tests/runs.py), trained once per session: its folder."""
+    return _reference_run(tmp_path_factory, fault_teacher, 1)
+
+
+@pytest.fixture(scope="session")
+def two_process_reference(tmp_path_factory, fault_teacher):
+    """The uninterrupted two-process reference run (tests/runs.py), with rank<r>.pt per rank: its folder."""
+    return _reference_run(tmp_path_factory, fault_teacher, 2)
+
+
+@pytest.fixture(scope="session")
+def one_process_killed(tmp_path_factory, fault_teacher):
+    """The reference's arguments SIGKILLed mid-epoch 1, once per session: its folder (copy it to resume)."""
+    return _killed_run(tmp_path_factory, fault_teacher, 1)
+
+
+@pytest.fixture(scope="session")
+def two_process_killed(tmp_path_factory, fault_teacher):
+    """The two-process reference's arguments, every process SIGKILLed mid-epoch 1: its folder (copy to resume)."""
+    return _killed_run(tmp_path_factory, fault_teacher, 2)
 
 
 SMALL_RUN = ["--dataset", "synthetic", "--img-size", "32", "--workers", "0", "-b", "16",
@@ -61,3 +133,24 @@ def saved_weights(tmp_path):
         return str(path)
 
     return save
+
+
+# The `bf16` marker: tests that compute in bf16 on the CPU, emulated (4-10x slower) where the CPU lacks AMX and
+# AVX512-BF16. Their total time is printed at the end of every run, so the suite's budget can be watched on both.
+_BF16_TESTS, _BF16_SECONDS = set(), []
+
+
+def pytest_collection_modifyitems(items):
+    _BF16_TESTS.update(item.nodeid for item in items if item.get_closest_marker("bf16"))
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid in _BF16_TESTS:
+        _BF16_SECONDS.append(report.duration)  # setup, call and teardown
+
+
+def pytest_terminal_summary(terminalreporter):
+    from engine.precision import cpu_model_name, native_bf16
+    native, why = native_bf16("cpu")
+    terminalreporter.write_sep("=", f"bf16-marked tests ({len(_BF16_TESTS)}): {sum(_BF16_SECONDS):.1f} s "
+                                    f"({'native' if native else 'emulated'} bf16: {why}) on {cpu_model_name()}")

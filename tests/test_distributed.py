@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -70,64 +69,19 @@ def test_two_processes_match_one(tmp_path, saved_weights):
         assert (a.double() - e2[name].double()).norm() <= 1e-4 * a.double().norm(), name
 
 
-BN_RUN = ["--dataset", "synthetic", "--img-size", "32", "--workers", "0", "--log-interval", "1", "-b", "8",
-          "--model", "resnet18", "--lr", "0.05", "--warmup-epochs", "0", "--no-eval-teacher"]
-
-
-def _torchrun(*args, timeout=600, **popen):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
-    if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 @pytest.mark.slow
-def test_every_rank_holds_the_same_student_ema_and_batchnorm_statistics(tmp_path, saved_weights):
+def test_every_rank_holds_the_same_student_ema_and_batchnorm_statistics(two_process_reference):
     """Defects 2 and 15: models start identical on every rank, EMAs included (they were copied before DDP
     broadcast rank 0's weights, and built from per-rank seeds), and BatchNorm statistics are reduced before
-    evaluating and saving (each rank's differed after an epoch)."""
-    teacher = saved_weights("resnet18", num_classes=10)
-    _torchrun("tests/ddp_states.py", *BN_RUN, "--synthetic-train-size", "64", "--epochs", "1", "--distiller", "rsd",
-              "--teacher", "resnet18", "--teacher-pretrained", teacher, "--model-ema", "--model-ema-decay", "0.5",
-              "--output", tmp_path, "--experiment", "ranks")
-    rank0, rank1 = (torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    evaluating and saving (each rank's differed after an epoch). The session's two-process reference run
+    (tests/runs.py: a BatchNorm CNN student, RSD, EMA, mixup) saved each rank's states."""
+    rank0, rank1 = (torch.load(two_process_reference / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for part in ("student", "extra"):
         for name, tensor in rank0[part].items():
             assert torch.equal(tensor, rank1[part][name]), f"{part}.{name} differs between ranks"
     for name, tensor in rank0["emas"][0].items():
         assert torch.equal(tensor, rank1["emas"][0][name]), f"EMA {name} differs between ranks"
     assert any("running_mean" in name for name in rank0["student"])
-    saved = torch.load(tmp_path / "ranks" / "last.pth.tar", weights_only=True)
+    saved = torch.load(two_process_reference / "last.pth.tar", weights_only=True)
     for name, tensor in saved["state_dict"].items():  # and what was saved is what every rank evaluated
         assert torch.equal(tensor, rank0["student"][name]), name
-
-
-@pytest.mark.slow
-def test_two_process_run_killed_and_resumed_matches_uninterrupted(tmp_path):
-    """Defect 3: a resumed 2-process run restored rank 0's RNG states on every rank, so rank 1's data
-    augmentation and mixup diverged from the uninterrupted run."""
-    args = [*BN_RUN, "--synthetic-train-size", "128", "--epochs", "3", "--mixup", "0.5", "--seed", "5",
-            "--output", tmp_path]
-    _torchrun("train.py", *args, "--experiment", "reference")
-    folder = tmp_path / "killed"
-    proc = _torchrun("train.py", *args, "--experiment", "killed", stdin=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until epoch 1 is under way (epoch 0's checkpoint is on disk)
-        log = folder / "log.txt"
-        if log.exists() and "Train: 1 [   3/8" in log.read_text():
-            break
-        time.sleep(0.05)
-    # SIGKILL the launcher and its workers (which torchrun runs in their own sessions): every process whose
-    # command line names this test's folder.
-    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=True)
-    proc.wait()
-    assert torch.load(folder / "last.pth.tar", weights_only=True)["epoch"] == 0
-    _torchrun("train.py", "--resume", folder / "last.pth.tar")
-    reference = torch.load(tmp_path / "reference" / "last.pth.tar", weights_only=True)
-    resumed = torch.load(folder / "last.pth.tar", weights_only=True)
-    assert resumed["epoch"] == reference["epoch"] == 2
-    for name, tensor in reference["state_dict"].items():
-        assert torch.equal(tensor, resumed["state_dict"][name]), name

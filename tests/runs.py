@@ -1,0 +1,125 @@
+"""Real training processes for the fault tests: the uninterrupted reference runs (one and two processes) that
+conftest.py trains once per session, and the means to SIGKILL a run mid-epoch and resume it.
+
+Each reference turns on every RNG stream and counter a resume must restore: augmentation in a loader worker,
+mixup (numpy's RNG), stochastic depth (torch's), an EMA, a per-update lr schedule, the teacher's evaluation at
+start-up, a BatchNorm CNN student, and recovery checkpoints (--recovery-interval) to resume from mid-epoch.
+The one-process run distils with CRD (memory banks, normaliser and a step counter that seeds its negatives);
+the two-process run with RSD over the gathered global batch (its AAD has BatchNorm), two accumulated
+micro-batches per update (DDP's no_sync), through tests/ddp_states.py so that every rank saves what it holds.
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+COMMON = ["--dataset", "synthetic", "--img-size", "32", "--workers", "1", "--synthetic-val-size", "16",
+          "--log-interval", "1", "--epochs", "3", "--model", "test_resnet", "--teacher", "test_vit",
+          "--teacher-precision", "fp32", "--drop-path", "0.1", "--mixup", "0.5", "--model-ema", "--model-ema-decay",
+          "0.9", "--sched-on-updates", "--warmup-epochs", "0", "--lr", "0.02", "--seed", "3", "--checkpoint-hist", "2"]
+# 64 images / batch 8: 8 updates an epoch; recovery checkpoints every 3 updates.
+ONE_PROCESS = [*COMMON, "-b", "8", "--synthetic-train-size", "64", "--distiller", "crd", "--crd-k", "32",
+               "--recovery-interval", "3"]
+# 96 images / (2 processes x 4) = 12 micro-batches, 6 updates an epoch; recovery checkpoints every 2 updates.
+TWO_PROCESSES = [*COMMON, "-b", "4", "--grad-accum-steps", "2", "--synthetic-train-size", "96", "--distiller", "rsd",
+                 "--recovery-interval", "2"]
+STEPS_PER_EPOCH = {1: 8, 2: 6}
+RECOVERY_INTERVAL = {1: 3, 2: 2}
+RECOVERY_FILE = re.compile(r"recovery-(\d+)-(\d+)\.pth\.tar")
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+
+
+def _command(nproc, script, args):
+    return [sys.executable, *(TORCHRUN if nproc == 2 else []), script, *map(str, args)]
+
+
+def train(nproc, *args, script="train.py"):
+    """A whole run in its own process(es); returns its stdout, or fails the test with its output."""
+    result = subprocess.run(_command(nproc, script, args), cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def reference_args(nproc, teacher, output):
+    """The reference run's train.py arguments: one or two processes, the teacher checkpoint, the output folder."""
+    return [*(ONE_PROCESS if nproc == 1 else TWO_PROCESSES), "--teacher-pretrained", teacher, "--output", output]
+
+
+def process_tree(pid):
+    """`pid` and every process under it, found by the parent ids in /proc (torchrun starts its workers in
+    sessions of their own, so a process group would miss them)."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    tree = [pid]
+    for member in tree:  # grows while walking: children, then theirs
+        tree.extend(child for child, parent in parents.items() if parent == member)
+    return tree
+
+
+def kill_tree(proc):
+    """SIGKILL `proc` and every process under it, as a crashed node or the OOM killer would."""
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def train_and_kill(nproc, args, folder, mark):
+    """Start a run writing to `folder` and SIGKILL all its processes once its log shows `mark`."""
+    proc = subprocess.Popen(_command(nproc, "train.py", args), cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = folder / "log.txt"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (log.exists() and mark in log.read_text()):
+        time.sleep(0.01)
+    kill_tree(proc)
+    assert mark in log.read_text() and "Done:" not in log.read_text(), "the kill must land before the run ends"
+
+
+def copy_run(folder, destination):
+    """A copy of a run folder to resume from, leaving the original for other tests."""
+    shutil.copytree(folder, destination)
+    return destination
+
+
+def recovery_positions(folder):
+    """{(epoch, step): path} of the recovery checkpoints in `folder`."""
+    return {(int(m[1]), int(m[2])): folder / m[0] for m in map(RECOVERY_FILE.fullmatch, os.listdir(folder)) if m}
+
+
+def expected_recovery_positions(nproc, keep=2):
+    """Every --recovery-interval-th update of the reference run, except those that end an epoch; the last `keep`."""
+    steps, interval = STEPS_PER_EPOCH[nproc], RECOVERY_INTERVAL[nproc]
+    updates = range(1, steps * 3 + 1)
+    return [divmod(u, steps) for u in updates if u % interval == 0 and u % steps][-keep:]
+
+
+def last_state(folder):
+    return torch.load(folder / "last.pth.tar", weights_only=True)
+
+
+def assert_same_training_state(reference, resumed):
+    """Weights, EMA and distiller state (banks, AAD statistics) equal tensor for tensor, at the same position."""
+    assert (resumed["epoch"], resumed["global_step"]) == (reference["epoch"], reference["global_step"])
+    for key in ("state_dict", "state_dict_ema", "distiller_extra"):
+        assert reference[key].keys() == resumed[key].keys(), key
+        for name, tensor in reference[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name}"
