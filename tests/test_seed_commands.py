@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cifar_format import write_cifar100
-from conftest import REPO, run_cli
+from conftest import REPO, run_main
 
 SHRINK = ["--epochs", "1", "-b", "4", "--workers", "0", "--log-interval", "1"]
 
@@ -17,7 +17,7 @@ SHRINK = ["--epochs", "1", "-b", "4", "--workers", "0", "--log-interval", "1"]
 def test_distributed_launch_seed_command_with_our_teacher(tmp_path):
     data = write_cifar100(tmp_path / "cifar100", n_train=16, n_test=8)
     # A Swin-T teacher saved by this repo: a short vanilla run at the paper's 224 px.
-    teacher_run = run_cli("train.py", data, "--config", "configs/cifar/cnn.yaml", "--model",
+    teacher_run = run_main("train.py", data, "--config", "configs/cifar/cnn.yaml", "--model",
                           "swin_tiny_patch4_window7_224", "--num-classes", "100", "--distiller", "vanilla",
                           *SHRINK, "-b", "8", "--output", tmp_path / "runs", "--experiment", "teacher")
     assert teacher_run.returncode == 0, teacher_run.stderr[-2000:]
@@ -39,8 +39,8 @@ def test_distributed_launch_seed_command_with_our_teacher(tmp_path):
     assert not any(k.startswith("teacher") for k in checkpoint["state_dict"])
 
     # validate.py in the seed's form scores the teacher as train.py did at start-up
-    scored = run_cli("validate.py", data, "--dataset", "cifar100", "--num-classes", "100", "--model",
-                     "swin_tiny_patch4_window7_224", "--checkpoint", teacher_ckpt, "--workers", "0")
+    scored = run_main("validate.py", data, "--dataset", "cifar100", "--num-classes", "100", "--model",
+                      "swin_tiny_patch4_window7_224", "--checkpoint", teacher_ckpt, "--workers", "0")
     assert scored.returncode == 0, scored.stderr[-2000:]
     line = json.loads(scored.stdout.strip().splitlines()[-1])
     assert line["num_samples"] == 8 and line["param_count"] == 27_596_254
