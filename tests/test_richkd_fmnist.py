@@ -24,11 +24,10 @@ from engine.models import create_model
 from engine.run import build_run
 from engine.train_args import build_train_parser
 
+import runs
 from test_fashion_mnist import write_idx
-from test_resume import ARGS as RESUME_ARGS, kill_in_epoch_1_then_resume
 
-# kill_in_epoch_1_then_resume counts 20 steps per epoch: its synthetic set's size, here a subset of that size
-SUBSET = int(RESUME_ARGS[RESUME_ARGS.index("--synthetic-train-size") + 1])
+SUBSET, BATCH = 160, 16  # 10 steps an epoch for the killed-and-resumed run
 VAL_IMAGES = 64
 # the source is the demo's (tools/richkd_demo.sh); resnet10t is the cheapest BatchNorm CNN student at 32 px
 TEACHER, SOURCE = "convnext_demo_32", "cifar_resnet8x4"
@@ -117,16 +116,20 @@ def test_a_cache_of_another_subset_is_refused(tmp_path, data_dir, checkpoints, c
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir, checkpoints, cache):
-    """(L+F) from the cache, with mixup and a loader worker: weights, CRD banks, Z and step come back
-    bit-identical."""
-    synthetic = {"--dataset", "--synthetic-train-size", "--synthetic-val-size"}
-    recipe = [a for i, a in enumerate(RESUME_ARGS) if a not in synthetic and RESUME_ARGS[i - 1] not in synthetic]
-    ref, res, _ = kill_in_epoch_1_then_resume(tmp_path, [
-        *subset_flags(data_dir), *recipe, *teacher_flags(checkpoints), "--model", STUDENTS["cnn"],
-        "--richkd-cache", cache, "--crd-k", "64", "--mixup", "0.2"])
+    """(L+F) from the cache, with mixup and a loader worker, SIGKILLed in epoch 1 and resumed from its last
+    epoch-end checkpoint: weights, CRD banks, Z and step come back bit-identical."""
+    args = [*subset_flags(data_dir), *teacher_flags(checkpoints), "--model", STUDENTS["cnn"], "--richkd-cache", cache,
+            "--crd-k", "64", "--mixup", "0.2", "--img-size", "32", "--workers", "1", "-b", str(BATCH),
+            "--log-interval", "1", "--epochs", "3", "--lr", "0.02", "--seed", "7", "--output", tmp_path]
+    runs.train(1, *args, "--experiment", "reference")
+    runs.train_and_kill(1, [*args, "--experiment", "killed"], tmp_path / "killed", "Train: 1 [   5/10")
+    assert runs.last_state(tmp_path / "killed")["epoch"] == 0, "the kill must land in epoch 1"
+    assert "continuing at epoch 1" in runs.train(1, "--resume", tmp_path / "killed" / "last.pth.tar")
+    ref, res = runs.last_state(tmp_path / "reference"), runs.last_state(tmp_path / "killed")
     assert set(ref["distiller_extra"]) >= {"memory_student", "memory_teacher", "z", "step",
                                            "embed_t.source.linear.weight"}
     assert ref["distiller_extra"]["memory_student"].shape[0] == SUBSET
+    assert (res["epoch"], res["global_step"]) == (ref["epoch"], ref["global_step"]) == (2, 30)
     for key in ("state_dict", "distiller_extra"):
         for name, tensor in ref[key].items():
             assert torch.equal(tensor, res[key][name]), f"{key}.{name}"
