@@ -219,7 +219,9 @@ def run_folder(args):
 
 def make_logger(folder, is_main):
     log = logging.getLogger("train")
-    log.handlers.clear()
+    for handler in list(log.handlers):  # a previous run's in this process (a test, a sweep): close its log file
+        handler.close()
+        log.removeHandler(handler)
     log.propagate = False
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")

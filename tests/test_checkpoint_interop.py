@@ -16,7 +16,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 import validate
-from conftest import SMALL_RUN, run_cli
+from conftest import SMALL_RUN, run_main
 from distillers import DISTILLERS, DistillerContext, build_distiller
 from engine.batch import Batch
 from engine.config import parse_args_with_config
@@ -232,10 +232,12 @@ def test_hub_names_load_from_the_local_cache_offline(source, tmp_path, monkeypat
     assert torch.equal(teacher.fc.weight, source.fc.weight) and student.fc.out_features == CLASSES
 
 
-def test_hub_name_offline_without_cache_is_one_clear_error(tmp_path):
-    result = run_cli("train.py", *SMALL_RUN, "--model", "hf-hub:timm/resnet18.a1_in1k", "--epochs", "1",
-                     "--output", tmp_path / "runs",
-                     env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+def test_hub_name_offline_without_cache_is_one_clear_error(tmp_path, monkeypatch):
+    # what HF_HUB_OFFLINE=1 HF_HUB_CACHE=... in the environment set when huggingface_hub is imported
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = run_main("train.py", *SMALL_RUN, "--model", "hf-hub:timm/resnet18.a1_in1k", "--epochs", "1",
+                      "--output", tmp_path / "runs")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "error: could not fetch 'hf-hub:timm/resnet18.a1_in1k'" in result.stderr

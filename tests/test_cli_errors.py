@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import SMALL_RUN, run_cli
+from conftest import SMALL_RUN, run_main
 
 
 def assert_clean_failure(result, message, output_dir):
@@ -15,7 +15,7 @@ def assert_clean_failure(result, message, output_dir):
 
 
 def train(tmp_path, *args):
-    return run_cli("train.py", *SMALL_RUN, "--output", tmp_path / "runs", *args)
+    return run_main("train.py", *SMALL_RUN, "--output", tmp_path / "runs", *args)
 
 
 def test_unknown_yaml_key(tmp_path):
@@ -66,19 +66,19 @@ def test_teacher_file_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_dataset_not_found(tmp_path):
-    result = run_cli("train.py", tmp_path / "no_such_dir", "--output", tmp_path / "runs")
+    result = run_main("train.py", tmp_path / "no_such_dir", "--output", tmp_path / "runs")
     assert_clean_failure(result, "is not a folder", tmp_path / "runs")
 
 
 def test_cifar_folder_without_files(tmp_path):
     (tmp_path / "cifar").mkdir()
-    result = run_cli("train.py", tmp_path / "cifar", "--dataset", "cifar100", "--output", tmp_path / "runs")
+    result = run_main("train.py", tmp_path / "cifar", "--dataset", "cifar100", "--output", tmp_path / "runs")
     assert_clean_failure(result, "CIFAR-100 not found", tmp_path / "runs")
 
 
 def test_unrecognisable_data_folder(tmp_path):
     (tmp_path / "data").mkdir()
-    result = run_cli("train.py", tmp_path / "data", "--output", tmp_path / "runs")
+    result = run_main("train.py", tmp_path / "data", "--output", tmp_path / "runs")
     assert_clean_failure(result, "cannot tell the dataset kind", tmp_path / "runs")
 
 
@@ -107,8 +107,8 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 
 def test_relative_output_folder_and_outputs(tmp_path):
     """A relative --output (as in the configs) resolves against the working directory; every file is there."""
-    result = run_cli("train.py", *SMALL_RUN, "--epochs", "2", "--output", "runs", "--experiment", "rel",
-                     cwd=tmp_path)
+    result = run_main("train.py", *SMALL_RUN, "--epochs", "2", "--output", "runs", "--experiment", "rel",
+                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     files = set(os.listdir(tmp_path / "runs" / "rel"))
     assert {"args.yaml", "log.txt", "summary.csv", "last.pth.tar", "best.pth.tar", "student_last.pth",
@@ -137,9 +137,14 @@ def test_refused_settings(tmp_path, flags, message):
     assert_clean_failure(train(tmp_path, *flags), message, tmp_path / "runs")
 
 
-def test_corrupt_image_names_its_path(tmp_path):
+def test_corrupt_image_names_its_path(tmp_path, monkeypatch):
     """Defect 13: a corrupt file in an ImageNet-style folder gave a PIL traceback mid-epoch."""
+    import gc
     from PIL import Image
+    # The error leaves the loader's iterator in a reference cycle (the traceback's frames); when gc collects it,
+    # multiprocessing has already closed the queue that would tell the worker to stop, so torch waits this long
+    # for the worker before it terminates it (5 s by default; a subprocess exits without waiting at all).
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.1, raising=False)
     for split in ("train", "val"):
         for name in ("a", "b"):
             (tmp_path / "inet" / split / name).mkdir(parents=True)
@@ -147,16 +152,17 @@ def test_corrupt_image_names_its_path(tmp_path):
                 Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / "inet" / split / name / f"{i}.png")
     bad = tmp_path / "inet" / "train" / "b" / "2.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG header, then garbage
-    result = run_cli("train.py", tmp_path / "inet", "--img-size", "32", "--workers", "1", "-b", "8", "--epochs", "1",
-                     "--output", tmp_path / "runs", "--experiment", "bad")
+    result = run_main("train.py", tmp_path / "inet", "--img-size", "32", "--workers", "1", "-b", "8", "--epochs", "1",
+                      "--output", tmp_path / "runs", "--experiment", "bad")
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot read image {str(bad)!r}" in result.stderr and "replace or delete that file" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert not any(f.endswith((".pth", ".pth.tar", ".tmp")) for f in os.listdir(tmp_path / "runs" / "bad"))
+    gc.collect()  # the worker goes now, while the shorter wait is in place
 
 
 def test_missing_fashion_mnist_path_does_not_fall_back(tmp_path):
     """Defect 10: a data path that does not exist silently used the system copy instead."""
-    result = run_cli("train.py", tmp_path / "nowhere", "--dataset", "fashion_mnist", "--output", tmp_path / "runs")
+    result = run_main("train.py", tmp_path / "nowhere", "--dataset", "fashion_mnist", "--output", tmp_path / "runs")
     assert_clean_failure(result, f"Fashion-MNIST data path {str(tmp_path / 'nowhere')!r} does not exist",
                          tmp_path / "runs")

@@ -138,7 +138,17 @@ def test_fp16_teacher_on_cpu_is_a_user_error():
 def test_fp16_student_amp_on_cpu_is_a_user_error():
     with pytest.raises(UserError, match="--amp-dtype bfloat16"):
         autocast_context(SimpleNamespace(amp=True, amp_dtype="float16"), CPU)
-    assert autocast_context(SimpleNamespace(amp=False, amp_dtype="float16"), CPU)() is not None
+    with autocast_context(SimpleNamespace(amp=False, amp_dtype="float16"), CPU)():  # no --amp: no autocast
+        assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.bf16
+def test_bf16_student_amp_on_cpu_autocasts():
+    x, weight = torch.randn(2, 4), torch.randn(3, 4)
+    with autocast_context(SimpleNamespace(amp=True, amp_dtype="bfloat16"), CPU)():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert F.linear(x, weight).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
 
 
 def test_frozen_for_good():

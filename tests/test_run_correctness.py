@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import SMALL_RUN, run_cli
+from conftest import SMALL_RUN, run_main
 
 BN_RUN = [*SMALL_RUN, "--model", "resnet18", "--warmup-epochs", "0"]
 
 
 def train(tmp_path, name, *args, expect_ok=True):
-    result = run_cli("train.py", *BN_RUN, "--output", tmp_path, "--experiment", name, *args)
+    result = run_main("train.py", *BN_RUN, "--output", tmp_path, "--experiment", name, *args)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
@@ -54,7 +54,7 @@ def test_logged_best_equals_validate_on_best_checkpoint_with_batchnorm_student(t
     checkpoint = torch.load(folder / "best.pth.tar", weights_only=True)
     best_row = summary_rows(folder)[checkpoint["best_epoch"]]
     for flag, column in (([], "eval_top1"), (["--use-ema"], "eval_ema_top1")):
-        result = run_cli("validate.py", "--checkpoint", folder / "best.pth.tar", "--workers", "0", *flag)
+        result = run_main("validate.py", "--checkpoint", folder / "best.pth.tar", "--workers", "0", *flag)
         assert result.returncode == 0, result.stderr[-2000:]
         scored = json.loads(result.stdout.strip().splitlines()[-1])
         assert scored["top1"] == pytest.approx(float(best_row[column]), abs=1e-3), column
@@ -98,7 +98,7 @@ def test_plateau_scheduler_decays_when_the_metric_stalls(tmp_path):
 def test_resume_takes_the_runs_own_arguments(tmp_path):
     """Defect 6: --resume used the new command's arguments (here lr 0.05, the default) and rewrote args.yaml."""
     train(tmp_path, "run", "--epochs", "1", "--lr", "0.02", "--seed", "3")
-    resumed = run_cli("train.py", "--resume", tmp_path / "run" / "last.pth.tar", "--epochs", "2")
+    resumed = run_main("train.py", "--resume", tmp_path / "run" / "last.pth.tar", "--epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     recorded = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())
     assert (recorded["lr"], recorded["seed"], recorded["epochs"], recorded["model"]) == (0.02, 3, 2, "resnet18")
@@ -112,7 +112,7 @@ def test_resume_refuses_a_conflicting_flag(tmp_path, flags, named):
     """Defects 6 and 13: a changed flag (another --model gave a state-dict dump) is one clear error."""
     train(tmp_path, "run", "--epochs", "1", "--lr", "0.02")
     before = (tmp_path / "run" / "last.pth.tar").read_bytes()
-    result = run_cli("train.py", "--resume", tmp_path / "run" / "last.pth.tar", "--epochs", "2", *flags)
+    result = run_main("train.py", "--resume", tmp_path / "run" / "last.pth.tar", "--epochs", "2", *flags)
     assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert (tmp_path / "run" / "last.pth.tar").read_bytes() == before
 
@@ -123,7 +123,7 @@ def test_summary_has_one_row_per_epoch_after_a_crash_between_summary_and_checkpo
     folder = tmp_path / "run"
     with open(folder / "summary.csv", "a") as f:  # what a crash after the summary, before the checkpoint, leaves
         f.write("1,9.9,9.9,9.9,9.9,0.1\n")
-    resumed = run_cli("train.py", "--resume", folder / "last.pth.tar", "--epochs", "2")
+    resumed = run_main("train.py", "--resume", folder / "last.pth.tar", "--epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [row["epoch"] for row in summary_rows(folder)] == ["0", "1"]
     assert "9.9" not in (folder / "summary.csv").read_text()

@@ -20,7 +20,29 @@ def per_dimension_pearson(a, b):
 
 
 def embeddings(model, images, precision):
-    return FrozenSource(model, EMBEDDING, torch.device("cpu"), precision)(images).embedding
+    """The source's embeddings of `images` in float; and the dtypes it computed in: the embedding's own, and
+    those of every convolution's and linear layer's output inside the source."""
+    layers = set()
+    hooks = [m.register_forward_hook(lambda module, args, out: layers.add(out.dtype))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    source = FrozenSource(model, EMBEDDING, torch.device("cpu"), precision)
+    try:
+        with torch.inference_mode():
+            computed = source.features(images).embedding
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return computed.float(), computed.dtype, layers
+
+
+def fp32_and_bf16_embeddings(model, images):
+    """Both precisions' embeddings in float, once each source is seen to compute in its own precision. A bf16
+    embedding can come out fp32 (ConvNeXt's head LayerNorm runs in fp32 under autocast), so the layers tell."""
+    fp32, fp32_dtype, fp32_layers = embeddings(model, images, "fp32")
+    assert fp32_dtype == torch.float32 and fp32_layers == {torch.float32}, (fp32_dtype, fp32_layers)
+    bf16, _, bf16_layers = embeddings(model, images, "bf16")
+    assert bf16_layers == {torch.bfloat16}, bf16_layers
+    return fp32, bf16
 
 
 def fashion_mnist_batch(model, n, img_size=None):
@@ -31,14 +53,16 @@ def fashion_mnist_batch(model, n, img_size=None):
     return torch.stack([dataset[i][0] for i in range(n)])
 
 
+@pytest.mark.bf16
 def test_bf16_demo_teacher_embeddings_track_fp32(fashion_mnist):
     model = load_weights(create_model("convnext_demo_32", num_classes=10), DEMO_TEACHER, "convnext_demo_32")
     images = fashion_mnist_batch(model, 256)
-    fp32, bf16 = embeddings(model, images, "fp32"), embeddings(model, images, "bf16")
+    fp32, bf16 = fp32_and_bf16_embeddings(model, images)
     assert per_dimension_pearson(fp32, bf16).min() >= 0.999
 
 
 @pytest.mark.slow
+@pytest.mark.bf16
 def test_bf16_swin_tiny_embeddings_track_fp32():
     """The benchmark's teacher at 224 px on a fixed batch of smooth random colour images.
 
@@ -50,8 +74,8 @@ def test_bf16_swin_tiny_embeddings_track_fp32():
     model = create_model("swin_tiny_patch4_window7_224", num_classes=100)
     coarse = torch.randn(32, 3, 14, 14, generator=torch.Generator().manual_seed(1))
     images = torch.nn.functional.interpolate(coarse, size=224, mode="bilinear")
-    fp32, bf16 = embeddings(model, images, "fp32"), embeddings(model, images, "bf16")
-    assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # bf16 really ran
+    fp32, bf16 = fp32_and_bf16_embeddings(model, images)
+    assert not torch.equal(fp32, bf16)
     assert per_dimension_pearson(fp32, bf16).min() >= 0.999
 
 
