@@ -140,8 +140,8 @@ def saved_weights(tmp_path):
 _BF16_TESTS, _BF16_SECONDS = set(), []
 
 
-def pytest_collection_modifyitems(items):
-    _BF16_TESTS.update(item.nodeid for item in items if item.get_closest_marker("bf16"))
+def pytest_collection_finish(session):
+    _BF16_TESTS.update(item.nodeid for item in session.items if item.get_closest_marker("bf16"))  # as selected
 
 
 def pytest_runtest_logreport(report):

@@ -1,10 +1,16 @@
 """Every registered distiller x a CNN, a DeiT, a Swin and a Mixer student x a ConvNeXt and a ViT teacher,
-at 32 px on CPU, in one process: two training steps each, with mixup where the distiller supports it, and
-again under bf16 autocast. Losses must be finite and every extra module (each AAD, projector, branch) must
-get a non-zero gradient. Tiny inputs keep the whole matrix inside CI's budget.
+at 32 px on CPU, in one process: two training steps each, in fp32 with mixup/cutmix wherever the distiller
+supports it. Losses must be finite and every extra module (each AAD, projector, branch) must get a non-zero
+gradient. Then the same steps under bf16 autocast (the teacher in bf16 too), on fewer students: bf16 is
+emulated, 4-10x slower, on a CPU without AMX/AVX512-BF16. Each case gets one student there, the four families
+rotated over the cases, except the cases whose extra modules are built per family (OFA's branches, RSD's
+branches, FitNets' adapters), which get all four. Every run checks the precision its convs and linears really
+computed in, the student's and the teacher's, so a bf16 run that silently ran in fp32 fails. Tiny inputs keep
+the whole matrix inside CI's budget.
 
 The paper's RSD variants (Tables 3, 5, 6, 7) run as their own cases, named `<distiller>:<variant>`.
 """
+import contextlib
 import copy
 import functools
 
@@ -24,7 +30,8 @@ from engine.teacher import FrozenSource
 from engine.train_args import build_train_parser
 from timm.optim import create_optimizer_v2
 
-STUDENTS = ["resnet18", "deit_tiny_patch16_224", "swin_pico_patch4_window7_224", "mixer_s16_224"]
+STUDENTS = {"resnet18": "resnet18", "deit_tiny": "deit_tiny_patch16_224", "swin_pico": "swin_pico_patch4_window7_224",
+            "mixer_s16": "mixer_s16_224"}  # short name (in test ids) -> timm name: a CNN, a ViT, a Swin, a Mixer
 TEACHERS = ["convnext_atto", "vit_tiny_patch16_224"]
 CLASSES, IMG, BATCH = 10, 32, 8
 EXTRA_FLAGS = {"richkd": ["--dataset", "synthetic", "--richkd-source", "convnext_demo_32", "--richkd-source-pretrained",
@@ -49,11 +56,46 @@ def cases():
     return dict(sorted({**plain, **VARIANTS}.items()))
 
 
+CASES = cases()
+
+
+def built_per_family(case):
+    """Whether the case's extra modules depend on the student's family: OFA's stage branches (every OFA case
+    with branches; `ofa:logits-only` has none), RSD's branches (Table 7) and FitNets' hint adapters are CNN or
+    token modules built from the stage shapes."""
+    return (CASES[case][0] == "ofa" and case != "ofa:logits-only") or case in ("rsd:branches", "fitnet")
+
+
+def bf16_cases():
+    """(case, short student name, teacher) of the bf16 half: all four students where the modules differ by
+    family, otherwise one, the families taken in turn over the remaining cases in sorted order; the two
+    teachers alternate over the sorted pairs (the fp32 half runs every student with both)."""
+    rotated = [case for case in CASES if not built_per_family(case)]
+    families = list(STUDENTS)
+    pairs = [(case, student) for case in CASES if built_per_family(case) for student in families]
+    pairs += [(case, families[i % len(families)]) for i, case in enumerate(rotated)]
+    return [(case, student, TEACHERS[i % len(TEACHERS)]) for i, (case, student) in enumerate(sorted(pairs))]
+
+
 def extra_layers(distiller):
     """Every module of the distiller outside the student that holds trainable parameters itself (each
     branch's convs and norms, each AAD layer, each projector)."""
     return {name: module for name, module in distiller.named_modules()
             if not name.startswith("student") and any(p.requires_grad for p in module.parameters(recurse=False))}
+
+
+@contextlib.contextmanager
+def computed_dtypes(model):
+    """The set of dtypes `model`'s convs and linears output while inside: the precision it really computed in
+    (bf16 under bf16 autocast, fp32 without), whatever path (forward_intermediates, forward_head) ran them."""
+    seen = set()
+    handles = [m.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+               for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def run_two_steps(name, student_name, teacher_name, mixup, bf16, flags=()):
@@ -77,6 +119,7 @@ def run_two_steps(name, student_name, teacher_name, mixup, bf16, flags=()):
     optimizer = create_optimizer_v2(distiller, opt="sgd", lr=0.01, momentum=0.9)
     autocast = autocast_factory(torch.device("cpu"), torch.bfloat16 if bf16 else None)
     generator = torch.Generator().manual_seed(0)
+    expected = torch.bfloat16 if bf16 else torch.float32
     for step in range(2):
         images = torch.randn(BATCH, 3, IMG, IMG, generator=generator)
         labels = torch.randint(0, CLASSES, (BATCH,), generator=generator)
@@ -85,7 +128,10 @@ def run_two_steps(name, student_name, teacher_name, mixup, bf16, flags=()):
         if mix is not None:
             images, targets, labels, lam = mix(images, labels)
         batch = Batch(images=images, targets=targets, labels=labels, index=index, lam=lam)
-        loss, losses = train_step(distiller, teacher, optimizer, batch, autocast=autocast)
+        with computed_dtypes(student) as student_dtypes, computed_dtypes(teacher_model) as teacher_dtypes:
+            loss, losses = train_step(distiller, teacher, optimizer, batch, autocast=autocast)
+        assert student_dtypes == {expected}, f"{name}: the student computed in {student_dtypes}, not {expected}"
+        assert teacher_dtypes == {expected}, f"{name}: the teacher computed in {teacher_dtypes}, not {expected}"
         assert torch.isfinite(loss), (name, losses)
         for term, value in losses.items():
             assert torch.isfinite(value), (name, term)
@@ -96,17 +142,39 @@ def run_two_steps(name, student_name, teacher_name, mixup, bf16, flags=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", cases())
+@pytest.mark.parametrize("case", CASES)
 def test_every_distiller_trains_on_every_family(case):
-    name, flags = cases()[case]
-    supports_mixup = DISTILLERS[name].supports_mixup
-    for student_name in STUDENTS:
+    """fp32, with mixup/cutmix wherever the distiller supports it: every student x every teacher."""
+    name, flags = CASES[case]
+    for student_name in STUDENTS.values():
         for teacher_name in TEACHERS:
-            for mixup, bf16 in ((False, False), (supports_mixup, True)):
-                run_two_steps(name, student_name, teacher_name, mixup, bf16, flags)
+            run_two_steps(name, student_name, teacher_name, DISTILLERS[name].supports_mixup, False, flags)
+
+
+@pytest.mark.slow
+@pytest.mark.bf16
+@pytest.mark.parametrize("case, student, teacher", [pytest.param(*triple, id="-".join(triple))
+                                                    for triple in bf16_cases()])
+def test_every_distiller_trains_under_bf16(case, student, teacher):
+    """bf16 autocast for the student step and a bf16 teacher, no mixup (the fp32 half has it)."""
+    name, flags = CASES[case]
+    run_two_steps(name, STUDENTS[student], teacher, False, True, flags)
+
+
+def test_the_bf16_half_covers_every_case_and_every_family():
+    triples = bf16_cases()
+    assert {case for case, _, _ in triples} == set(CASES)
+    for case in ("fitnet", "rsd:branches", *(c for c in CASES if c.startswith("ofa") and c != "ofa:logits-only")):
+        assert {s for c, s, _ in triples if c == case} == set(STUDENTS), case
+        assert {t for c, _, t in triples if c == case} == set(TEACHERS), case
+    assert all({t for _, s, t in triples if s == student} == set(TEACHERS) for student in STUDENTS)
+    single = [student for case, student, _ in triples if not built_per_family(case)]
+    assert len(single) == sum(not built_per_family(case) for case in CASES)  # one student each
+    assert all(single.count(s) >= 2 for s in STUDENTS)  # each family under several distillers
 
 
 @pytest.mark.slow
 def test_rsd_without_aad_where_the_widths_match():
-    """Table 4: no AAD needs D_s == D_t (DeiT-T and ViT-T are both 192 wide)."""
-    run_two_steps("rsd", "deit_tiny_patch16_224", "vit_tiny_patch16_224", True, True, ["--rsd-no-aad"])
+    """Table 4: no AAD needs D_s == D_t (DeiT-T and ViT-T are both 192 wide). fp32 with mixup: nothing here
+    depends on the precision, which the bf16 half covers for RSD."""
+    run_two_steps("rsd", "deit_tiny_patch16_224", "vit_tiny_patch16_224", True, False, ["--rsd-no-aad"])

@@ -3,6 +3,7 @@ import json
 import os
 
 from conftest import REPO
+from paper_widths import EMBEDDING_WIDTHS, STUDENT_KINDS, STUDENT_STAGES
 from tools import overhead
 
 SWIN_NANO = "configs/presets/imagenet/convnext_tiny-swin_nano.yaml"
@@ -26,19 +27,86 @@ def test_figure_3_counts_table_and_json(tmp_path, capsys):
                         "0.14x | 2,625,536 | 0.27x | 28,187,040 | 2.94x |")
 
 
-EMBEDDING_WIDTHS = {"resnet18": 512, "mobilenetv2_100": 1280, "deit_tiny_patch16_224": 192, "resmlp_12_224": 384,
-                    "swin_pico_patch4_window7_224": 384, "swin_nano_patch4_window7_224": 512, "resnet50": 2048,
-                    "swin_tiny_patch4_window7_224": 768, "vit_small_patch16_224": 384, "mixer_b16_224": 768,
-                    "convnext_tiny": 768}
+# OFA's extra parameters written from the branch definitions (distillers/branches.py's docstring, OFA-KD) and the
+# layer definitions of torch and timm; K classes, D_s/D_t the embedding widths, one branch per stage 1-4.
+
+
+def linear(n_in, n_out, bias=True):
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def batch_norm(chans):
+    return 2 * chans  # weight and bias
+
+
+def sep_conv(c_in, c_out):
+    """Depthwise 3x3 (stride 2), pointwise 1x1, BN, then depthwise 3x3, pointwise 1x1 to c_out, BN; no conv bias."""
+    return 9 * c_in + c_in * c_in + batch_norm(c_in) + 9 * c_in + c_in * c_out + batch_norm(c_out)
+
+
+def vit_block(dim):
+    """timm's ViT Block, mlp ratio 4: LayerNorm, qkv (no bias) and proj, LayerNorm, fc1 and fc2."""
+    return (2 * dim + linear(dim, 3 * dim, bias=False) + linear(dim, dim)
+            + 2 * dim + linear(dim, 4 * dim) + linear(4 * dim, dim))
+
+
+def patch_merging(c_in, c_out):
+    """timm's Swin PatchMerging: LayerNorm over the 2x2 neighbours' 4 * c_in, a bias-free Linear to c_out."""
+    return 2 * 4 * c_in + linear(4 * c_in, c_out, bias=False)
+
+
+def ofa_cnn_student(stages, d_s, d_t, classes):
+    """Per stage s of C channels, width W = max(D_s, D_t): stage 4 a 1x1 conv (bias) C -> W; stage s < 4 a chain of
+    4 - s separable convs C -> 2C -> 4C ... the last one to W; then a Linear W -> K after the pooling."""
+    width = max(d_s, d_t)
+    total = 0
+    for stage, (chans, _) in enumerate(stages, 1):
+        if stage == 4:
+            total += chans * width + width
+        else:
+            widths = [chans * 2 ** i for i in range(4 - stage)] + [width]
+            total += sum(sep_conv(a, b) for a, b in zip(widths, widths[1:]))
+        total += linear(width, classes)
+    return total
+
+
+def ofa_token_student(stages, d_s, classes):
+    """Per stage s of C channels on a side x side grid: patch mergings halving the grid down to 7 x 7 (the first
+    C -> D_s, the rest D_s -> D_s), or Linear(C -> D_s) when none is needed and C != D_s; max(4 - s, 1) ViT blocks
+    of width D_s; a Linear D_s -> K."""
+    total = 0
+    for stage, (chans, side) in enumerate(stages, 1):
+        merges = {56: 3, 28: 2, 14: 1, 7: 0}[side]
+        if merges:
+            total += patch_merging(chans, d_s) + (merges - 1) * patch_merging(d_s, d_s)
+        elif chans != d_s:
+            total += linear(chans, d_s)
+        total += max(4 - stage, 1) * vit_block(d_s) + linear(d_s, classes)
+    return total
+
+
+def ofa_count(student, teacher, classes):
+    d_s, d_t, stages = EMBEDDING_WIDTHS[student], EMBEDDING_WIDTHS[teacher], STUDENT_STAGES[student]
+    if STUDENT_KINDS[student] == "cnn":
+        return ofa_cnn_student(stages, d_s, d_t, classes)
+    return ofa_token_student(stages, d_s, classes)
+
+
+def test_the_ofa_formula_gives_the_known_figures():
+    """Swin-N <- ConvNeXt-T at 1000 classes (Figure 3's pair) and ResNet18 <- Swin-T at 100 (the count the
+    seed run logs), from the formula alone."""
+    assert ofa_count("swin_nano_patch4_window7_224", "convnext_tiny", 1000) == 28_187_040
+    assert ofa_count("resnet18", "swin_tiny_patch4_window7_224", 100) == 1_626_256
 
 
 def test_every_paper_pair_and_the_aad_formula(tmp_path):
     """All 27 pairs; the AAD's count is h * (D_s + 2 + D_t) with h = gamma * D_s (two linears without bias and
-    a BatchNorm's weight and bias)."""
+    a BatchNorm's weight and bias); OFA's is the branch formula above."""
     rows = overhead.main(["--json", str(tmp_path / "all.json")])
     assert len(rows) == 27 and sorted(r["dataset"] for r in rows) == ["cifar100"] * 12 + ["imagenet"] * 15
     for row in rows:
         d_s, d_t = EMBEDDING_WIDTHS[row["student"]], EMBEDDING_WIDTHS[row["teacher"]]
         for gamma in (2, 4):
             assert row[f"rsd_gamma{gamma}"] == gamma * d_s * (d_s + 2 + d_t), (row["preset"], gamma)
-        assert row["ofa"] > 0 and row["ofa_ratio"] == row["ofa"] / row["student_params"]
+        assert row["ofa"] == ofa_count(row["student"], row["teacher"], row["num_classes"]), row["preset"]
+        assert row["ofa_ratio"] == row["ofa"] / row["student_params"]

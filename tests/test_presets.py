@@ -22,6 +22,7 @@ from engine.models import create_model
 from engine.run import build_distiller_for, build_student
 from engine.teacher import FrozenSource
 from engine.train_args import build_train_parser
+from paper_widths import EMBEDDING_WIDTHS
 from tools import overhead
 
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "vit_small": "vit_small_patch16_224",
@@ -108,7 +109,12 @@ def test_preset_builds_and_computes_its_loss_at_224(preset):
     assert logits.shape == (2, args.num_classes) and set(losses) == {"ce", "rsd"}
     loss = sum(losses.values())
     assert torch.isfinite(loss) and loss.requires_grad
-    assert distiller.extra_parameter_count() == overhead.extra_parameter_count(args, student, teacher_model)
+    # RSD's only extra module is the AAD: Linear(D_s -> h) and Linear(h -> D_t) without bias, BatchNorm1d(h)'s weight
+    # and bias, h = gamma * D_s with the paper's gamma 2; the widths come from the architectures, not the models.
+    d_s, d_t = EMBEDDING_WIDTHS[args.model], EMBEDDING_WIDTHS[args.teacher]
+    hidden = 2 * d_s
+    assert args.rsd_gamma == 2 and not args.rsd_branch_stage
+    assert distiller.extra_parameter_count() == hidden * (d_s + 2 + d_t), (d_s, d_t)
 
 
 @pytest.mark.parametrize("preset, lr", [("configs/presets/imagenet/convnext_tiny-swin_nano.yaml", 5e-4),

@@ -1,0 +1,40 @@
+"""Widths of the paper's architectures at 224 px, written by hand from their definitions (timm's model cards and
+the RSD paper's custom Swin-N/P), never read from a built model: what the parameter counts of tools/overhead.py,
+the presets and the distillers are checked against.
+
+EMBEDDING_WIDTHS: the pooled pre-logits width D of every student and teacher.
+STUDENT_STAGES: each student's paper stages 1-4 (REFERENCE.md §5) as (channels, grid side): a CNN's NCHW map,
+or a token model's patch grid (the prefix tokens, DeiT's class token, come on top of side * side).
+"""
+
+EMBEDDING_WIDTHS = {
+    "resnet18": 512,                        # last stage 512 channels, global average pool
+    "resnet50": 2048,                       # last stage 512 x bottleneck expansion 4
+    "mobilenetv2_100": 1280,                # the final 1x1 conv to 1280
+    "deit_tiny_patch16_224": 192,
+    "vit_small_patch16_224": 384,
+    "resmlp_12_224": 384,
+    "mixer_b16_224": 768,
+    "swin_pico_patch4_window7_224": 384,    # embed_dim 48 doubled at each of the 3 merges
+    "swin_nano_patch4_window7_224": 512,    # embed_dim 64 ... 512
+    "swin_tiny_patch4_window7_224": 768,    # embed_dim 96 ... 768
+    "convnext_tiny": 768,                   # dims 96/192/384/768
+}
+
+STUDENT_KINDS = {"resnet18": "cnn", "mobilenetv2_100": "cnn", "deit_tiny_patch16_224": "token",
+                 "resmlp_12_224": "token", "swin_pico_patch4_window7_224": "token",
+                 "swin_nano_patch4_window7_224": "token"}
+
+STUDENT_STAGES = {
+    # stages 1-4 are the outputs of layer1-4: strides 4/8/16/32 of a 224 px image
+    "resnet18": [(64, 56), (128, 28), (256, 14), (512, 7)],
+    # the inverted-residual stages at strides 4/8/16 (24/32/96 channels), then the final 1280-channel 1x1 conv
+    "mobilenetv2_100": [(24, 56), (32, 28), (96, 14), (1280, 7)],
+    # 12 blocks of width 192 on 16 px patches: 14 x 14 patch tokens (plus the class token) at every stage
+    "deit_tiny_patch16_224": [(192, 14)] * 4,
+    # 12 blocks of width 384 on 16 px patches, no class token
+    "resmlp_12_224": [(384, 14)] * 4,
+    # 4 px patches (56 x 56), width doubled and grid halved by each patch merging
+    "swin_pico_patch4_window7_224": [(48, 56), (96, 28), (192, 14), (384, 7)],
+    "swin_nano_patch4_window7_224": [(64, 56), (128, 28), (256, 14), (512, 7)],
+}
