@@ -115,6 +115,15 @@ def two_process_killed(tmp_path_factory, fault_teacher):
     return _killed_run(tmp_path_factory, fault_teacher, 2)
 
 
+@pytest.fixture(scope="session")
+def gloo_pair(tmp_path_factory):
+    """Two gloo processes for the whole session (tests/process_pair.py): gloo_pair.run(fn, *args)."""
+    from process_pair import ProcessPair
+    pair = ProcessPair(tmp_path_factory.mktemp("gloo_pair"))
+    yield pair
+    pair.close()
+
+
 SMALL_RUN = ["--dataset", "synthetic", "--img-size", "32", "--workers", "0", "-b", "16",
              "--synthetic-train-size", "64", "--synthetic-val-size", "32", "--log-interval", "1"]
 

@@ -1,12 +1,10 @@
 """engine.batchnorm: --sync-bn keeps timm's fused BatchNormAct layers (defect 14), and running statistics are
 averaged over processes before evaluation and saving (defect 15)."""
 import copy
-import os
 
 import timm
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from engine.batchnorm import convert_sync_batchnorm, sync_batchnorm_stats
@@ -63,17 +61,12 @@ def _rank_stats(rank, model):
                 buf.fill_(rank + 7)
 
 
-def _reduce_worker(rank, world_size, store_path, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-    try:
-        student, ema = _bn_model(), _bn_model()
-        _rank_stats(rank, student)
-        _rank_stats(rank + 10, ema)
-        sync_batchnorm_stats([student, ema], world_size)
-        torch.save({"student": student.state_dict(), "ema": ema.state_dict()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _reduce_worker(rank, world_size):
+    student, ema = _bn_model(), _bn_model()
+    _rank_stats(rank, student)
+    _rank_stats(rank + 10, ema)
+    sync_batchnorm_stats([student, ema], world_size)
+    return {"student": student.state_dict(), "ema": ema.state_dict()}
 
 
 def _expected(ranks):
@@ -85,9 +78,8 @@ def _expected(ranks):
     return {k: torch.stack([s[k].float() for s in states]).mean(0) for k in states[0] if "running_" in k}
 
 
-def test_sync_batchnorm_stats_averages_over_two_processes(tmp_path):
-    mp.spawn(_reduce_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def test_sync_batchnorm_stats_averages_over_two_processes(gloo_pair):
+    results = gloo_pair.run(_reduce_worker)
     for key, ranks in (("student", [0, 1]), ("ema", [10, 11])):
         expected = _expected(ranks)
         assert len(expected) == 4  # running mean and var of both norms

@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -205,21 +203,16 @@ def _steps(crd, rank, world_size):
     return {"losses": losses, "grads": grads, "state": state}
 
 
-def _rank(rank, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        torch.save(_steps(make_crd(world_size=2), rank, 2), f"{out}{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank(rank, world_size):
+    return _steps(make_crd(world_size=world_size), rank, world_size)
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_loss_gradients_and_banks(tmp_path):
+def test_two_processes_give_the_one_process_loss_gradients_and_banks(gloo_pair):
     """Same negatives, Z and bank updates on every process, so the mean of the two processes' losses and
     gradients (what DDP averages) equals one process on the whole batch, and both hold the same banks."""
     single = _steps(make_crd(), 0, 1)
-    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = gloo_pair.run(_rank)
     for step in range(2):
         assert torch.allclose((ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2, single["losses"][step],
                               rtol=1e-5)

@@ -2,8 +2,6 @@
 alone by DDP (which broadcasts rank 0's buffers at every forward), saved with the distiller, kept out of the
 student export."""
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from distillers import Distiller, DistillerContext
@@ -35,23 +33,18 @@ def build():
     return BankDistiller(TinyStudent(), DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=2))
 
 
-def _rank(rank, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        distiller = build()
-        distiller.bank.fill_(rank + 1)
-        distiller.student.plain.fill_(rank + 1)
-        model = wrap_for_training(distiller, DistEnv(rank=rank, world_size=2))
-        model(torch.ones(2, 3)).backward()  # DDP broadcasts rank 0's buffers before this forward
-        torch.save({"bank": distiller.bank.clone(), "plain": distiller.student.plain.clone()}, f"{out}{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank(rank, world_size):
+    torch.manual_seed(0)
+    distiller = build()
+    distiller.bank.fill_(rank + 1)
+    distiller.student.plain.fill_(rank + 1)
+    model = wrap_for_training(distiller, DistEnv(rank=rank, world_size=world_size))
+    model(torch.ones(2, 3)).backward()  # DDP broadcasts rank 0's buffers before this forward
+    return {"bank": distiller.bank.clone(), "plain": distiller.student.plain.clone()}
 
 
-def test_self_synced_buffers_are_not_broadcast_by_ddp(tmp_path):
-    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=2, join=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+def test_self_synced_buffers_are_not_broadcast_by_ddp(gloo_pair):
+    rank1 = gloo_pair.run(_rank)[1]
     assert torch.equal(rank1["plain"], torch.full((3,), 1.0)), "an ordinary buffer takes rank 0's value"
     assert torch.equal(rank1["bank"], torch.full((4,), 2.0)), "the distiller's own buffer keeps rank 1's value"
 

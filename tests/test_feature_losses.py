@@ -7,8 +7,6 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from distillers import DISTILLERS, DistillerContext, build_distiller
@@ -266,19 +264,13 @@ def losses_and_grads(name, rank, world):
     return {"loss": loss.detach(), "student": s.grad, **{n: p.grad for n, p in distiller.named_parameters()}}
 
 
-def ddp_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save({name: losses_and_grads(name, rank, world) for name in ("correlation", "rkd")},
-                   f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def ddp_worker(rank, world):
+    return {name: losses_and_grads(name, rank, world) for name in ("correlation", "rkd")}
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_global_batch_loss(tmp_path):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def test_two_processes_give_the_global_batch_loss(gloo_pair):
+    ranks = gloo_pair.run(ddp_worker)
     for name in ("correlation", "rkd"):
         single = losses_and_grads(name, 0, 1)
         for rank, result in enumerate(r[name] for r in ranks):

@@ -8,8 +8,6 @@ import contextlib
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distillers import DISTILLERS, DistillerContext, build_distiller
 from engine.batch import Batch
@@ -58,29 +56,15 @@ def train(name, rank=0, world_size=1):
     return terms, {k: v.detach().clone() for k, v in distiller.state_dict().items()}
 
 
-def _rank(rank, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        for name in METHODS:
-            torch.save(train(name, rank, 2), f"{out}/{name}{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory):
-    """Every method trained by 2 spawned processes, one after the other in the same pair (each spawned process
-    pays the imports once): a folder of <method><rank>.pt."""
-    folder = tmp_path_factory.mktemp("global_batch")
-    mp.spawn(_rank, args=(str(folder / "store"), str(folder)), nprocs=2, join=True)
-    return folder
+def _rank(rank, world_size, name):
+    return train(name, rank, world_size)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
-def test_two_processes_equal_one_process_on_the_global_batch(two_process_runs, name):
+def test_two_processes_equal_one_process_on_the_global_batch(gloo_pair, name):
     terms1, state1 = train(name)
-    runs = [torch.load(two_process_runs / f"{name}{rank}.pt", weights_only=True) for rank in (0, 1)]
+    runs = gloo_pair.run(_rank, name)
     # The logged loss is the mean over processes (CRD scores each process's own anchors; the others compute
     # the global-batch loss on every process).
     mean_terms = [(a + b) / 2 for a, b in zip(runs[0][0], runs[1][0])]

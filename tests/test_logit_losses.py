@@ -3,8 +3,6 @@ and per class, gradients included; the logit distillers' flags and wiring; DKD u
 DIST over the global batch under DDP (two gloo processes with B/2 each give the loss of one process with B)."""
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from distillers import DISTILLERS, DistillerContext, build_distiller
@@ -186,22 +184,18 @@ def dist_loss_and_grad(rank, world):
     return {"loss": loss.detach(), "student": s.grad}
 
 
-def ddp_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(dist_loss_and_grad(rank, world), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def ddp_worker(rank, world):
+    return dist_loss_and_grad(rank, world)
 
 
 @pytest.mark.slow
-def test_dist_two_processes_give_the_global_batch_loss(tmp_path):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+def test_dist_two_processes_give_the_global_batch_loss(gloo_pair):
+    results = gloo_pair.run(ddp_worker)
     single = dist_loss_and_grad(0, 1)
     half = GLOBAL_BATCH // 2
     assert not torch.allclose(dist_loss_and_grad(0, 2)["loss"], single["loss"], rtol=1e-3)  # intra is a batch statistic
     for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        result = results[rank]
         assert torch.allclose(result["loss"], single["loss"], rtol=1e-6)
         # The all-gather's backward sums the identical per-process gradients; DDP then averages them.
         assert torch.allclose(result["student"], 2 * single["student"][rank * half:(rank + 1) * half],
