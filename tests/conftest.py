@@ -1,10 +1,13 @@
 import contextlib
 import importlib
 import io
+import logging
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,11 +42,20 @@ def run_main(script, *args, cwd=REPO):
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     returncode = 0
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()  # a run seeds them all
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd):
         try:
             module.main(argv)
         except SystemExit as exc:
             returncode = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        finally:
+            torch.set_rng_state(rng[0])
+            np.random.set_state(rng[1])
+            random.setstate(rng[2])
+            log = logging.getLogger("train")
+            for handler in list(log.handlers):  # the run's log file, and a stream that is about to close
+                handler.close()
+                log.removeHandler(handler)
     return subprocess.CompletedProcess([script, *argv], returncode, out.getvalue(), err.getvalue())
 
 
@@ -66,12 +78,14 @@ def fashion_mnist():
 
 @pytest.fixture(scope="session")
 def fault_teacher(tmp_path_factory):
-    """The reference runs' teacher: a random-init test_vit checkpoint."""
+    """The reference runs' teachers: {name: path} of random-init test_resnet and test_vit checkpoints."""
     from engine.models import create_model
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("fault_teacher") / "test_vit.pth"
-    torch.save(create_model("test_vit", num_classes=10, img_size=32).state_dict(), path)
-    return str(path)
+    folder, paths = tmp_path_factory.mktemp("fault_teacher"), {}
+    for name in ("test_resnet", "test_vit"):
+        torch.manual_seed(0)
+        paths[name] = str(folder / f"{name}.pth")
+        torch.save(create_model(name, num_classes=10, img_size=32).state_dict(), paths[name])
+    return paths
 
 
 def _reference_run(tmp_path_factory, teacher, nproc):
@@ -85,7 +99,9 @@ def _reference_run(tmp_path_factory, teacher, nproc):
 def _killed_run(tmp_path_factory, teacher, nproc):
     import runs
     output = tmp_path_factory.mktemp(f"killed_{nproc}p")
-    mark = {1: "Train: 1 [   5/8", 2: "Train: 1 [   3/6"}[nproc]  # past epoch 1's first recovery checkpoint
+    steps, interval = runs.STEPS_PER_EPOCH[nproc], runs.RECOVERY_INTERVAL[nproc]
+    first_recovery = interval - steps % interval  # epoch 1's first recovery checkpoint, after this update
+    mark = f"Train: 1 [{first_recovery + 1:>4d}/{steps}"  # one update past it
     runs.train_and_kill(nproc, [*runs.reference_args(nproc, teacher, output), "--experiment", "killed"],
                         output / "killed", mark)
     return output / "killed"
@@ -154,12 +170,14 @@ def pytest_collection_finish(session):
 
 
 def pytest_runtest_logreport(report):
-    if report.nodeid in _BF16_TESTS:
-        _BF16_SECONDS.append(report.duration)  # setup, call and teardown
+    if report.nodeid in _BF16_TESTS and report.when == "call":  # not session fixtures' setup or teardown
+        _BF16_SECONDS.append(report.duration)
 
 
 def pytest_terminal_summary(terminalreporter):
     from engine.precision import cpu_model_name, native_bf16
+    if not _BF16_SECONDS:
+        return  # none ran
     native, why = native_bf16("cpu")
-    terminalreporter.write_sep("=", f"bf16-marked tests ({len(_BF16_TESTS)}): {sum(_BF16_SECONDS):.1f} s "
+    terminalreporter.write_sep("=", f"bf16-marked tests ({len(_BF16_SECONDS)}): {sum(_BF16_SECONDS):.1f} s "
                                     f"({'native' if native else 'emulated'} bf16: {why}) on {cpu_model_name()}")

@@ -9,7 +9,10 @@ Code that must run without a process group (a single-process reference) belongs 
 """
 import datetime
 import importlib
+import itertools
+import pickle
 import queue
+import time
 import traceback
 
 import torch.distributed as dist
@@ -23,40 +26,67 @@ def _serve(rank, init_file, tasks, results):
                             timeout=datetime.timedelta(minutes=5))  # a peer that failed mid-collective
     try:
         while (task := tasks[rank].get()) is not None:
-            module, name, args = task
-            try:
-                results.put((rank, True, getattr(importlib.import_module(module), name)(rank, WORLD_SIZE, *args)))
+            task_id, module, name, args = task
+            try:  # pickled here, so an unpicklable result is this task's error, not a lost answer
+                answer = True, pickle.dumps(getattr(importlib.import_module(module), name)(rank, WORLD_SIZE, *args))
             except BaseException:
-                results.put((rank, False, traceback.format_exc()))
+                answer = False, traceback.format_exc()
+            results.put((task_id, rank, *answer))
     finally:
         dist.destroy_process_group()
 
 
 class ProcessPair:
+    """After a task fails or times out the pair is replaced by a fresh one, so the next test starts clean."""
+
     def __init__(self, folder):
+        self.folder, self.generation, self.task_ids = folder, 0, itertools.count()
+        self._start()
+
+    def _start(self):
         context = mp.get_context("spawn")
         self.tasks = [context.Queue() for _ in range(WORLD_SIZE)]
         self.results = context.Queue()
-        self.processes = mp.spawn(_serve, args=(str(folder / "store"), self.tasks, self.results),
-                                  nprocs=WORLD_SIZE, join=False)
+        self.generation += 1
+        store = self.folder / f"store{self.generation}"
+        self.processes = mp.spawn(_serve, args=(str(store), self.tasks, self.results), nprocs=WORLD_SIZE,
+                                  join=False, daemon=True)
 
     def run(self, fn, *args, timeout=600):
         """[rank 0's result, rank 1's result] of `fn(rank, world_size, *args)`."""
+        task_id = next(self.task_ids)
         for tasks in self.tasks:
-            tasks.put((fn.__module__, fn.__name__, args))
-        answers = {}
-        try:
-            for _ in range(WORLD_SIZE):
-                rank, ok, value = self.results.get(timeout=timeout)
+            tasks.put((task_id, fn.__module__, fn.__name__, args))
+        answers, deadline = {}, time.time() + timeout
+        while len(answers) < WORLD_SIZE:
+            try:
+                answer_id, rank, ok, value = self.results.get(timeout=1)
+            except queue.Empty:
+                dead = [p.pid for p in self.processes.processes if not p.is_alive()]
+                if dead or time.time() > deadline:
+                    self.restart()
+                    missing = sorted(set(range(WORLD_SIZE)) - set(answers))
+                    raise AssertionError(f"{fn.__name__}: no answer from ranks {missing} "
+                                         f"({'a process died' if dead else f'{timeout} s passed'})") from None
+                continue
+            if answer_id == task_id:
                 answers[rank] = (ok, value)
-        except queue.Empty:
-            raise AssertionError(f"{fn.__name__} did not finish in {timeout} s on ranks "
-                                 f"{sorted(set(range(WORLD_SIZE)) - set(answers))}") from None
         failed = [f"rank {rank}:\n{value}" for rank, (ok, value) in sorted(answers.items()) if not ok]
-        assert not failed, f"{fn.__name__} failed in the process pair\n" + "\n".join(failed)
-        return [answers[rank][1] for rank in range(WORLD_SIZE)]
+        if failed:
+            self.restart()  # the other rank may be waiting in a collective
+            raise AssertionError(f"{fn.__name__} failed in the process pair\n" + "\n".join(failed))
+        return [pickle.loads(answers[rank][1]) for rank in range(WORLD_SIZE)]
+
+    def restart(self):
+        self.close()
+        self._start()
 
     def close(self):
         for tasks in self.tasks:
             tasks.put(None)
-        self.processes.join(60)
+        deadline = time.time() + 30
+        for process in self.processes.processes:
+            process.join(max(deadline - time.time(), 0))
+            if process.is_alive():
+                process.kill()
+                process.join()

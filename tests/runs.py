@@ -21,15 +21,18 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 COMMON = ["--dataset", "synthetic", "--img-size", "32", "--workers", "1", "--synthetic-val-size", "16",
-          "--log-interval", "1", "--epochs", "3", "--model", "test_resnet", "--teacher", "test_vit",
+          "--log-interval", "1", "--epochs", "3",
           "--teacher-precision", "fp32", "--drop-path", "0.1", "--mixup", "0.5", "--model-ema", "--model-ema-decay",
           "0.9", "--sched-on-updates", "--warmup-epochs", "0", "--lr", "0.02", "--seed", "3", "--checkpoint-hist", "2"]
-# 64 images / batch 8: 8 updates an epoch; recovery checkpoints every 3 updates.
-ONE_PROCESS = [*COMMON, "-b", "8", "--synthetic-train-size", "64", "--distiller", "crd", "--crd-k", "32",
-               "--recovery-interval", "3"]
-# 96 images / (2 processes x 4) = 12 micro-batches, 6 updates an epoch; recovery checkpoints every 2 updates.
-TWO_PROCESSES = [*COMMON, "-b", "4", "--grad-accum-steps", "2", "--synthetic-train-size", "96", "--distiller", "rsd",
-                 "--recovery-interval", "2"]
+# A token student (stochastic depth per block) with CRD; 64 images / batch 8: 8 updates an epoch; recovery
+# checkpoints every 3 updates.
+ONE_PROCESS = [*COMMON, "--model", "test_vit", "--teacher", "test_resnet", "-b", "8", "--synthetic-train-size", "64",
+               "--distiller", "crd", "--crd-k", "32", "--recovery-interval", "3"]
+# A BatchNorm CNN student with RSD; 96 images / (2 processes x 4) = 12 micro-batches, 6 updates an epoch; recovery
+# checkpoints every 2 updates.
+TWO_PROCESSES = [*COMMON, "--model", "test_resnet", "--teacher", "test_vit", "-b", "4", "--grad-accum-steps", "2",
+                 "--synthetic-train-size", "96", "--distiller", "rsd", "--recovery-interval", "2"]
+TEACHERS = {1: "test_resnet", 2: "test_vit"}
 STEPS_PER_EPOCH = {1: 8, 2: 6}
 RECOVERY_INTERVAL = {1: 3, 2: 2}
 RECOVERY_FILE = re.compile(r"recovery-(\d+)-(\d+)\.pth\.tar")
@@ -43,17 +46,24 @@ def _command(nproc, script, args):
     return [sys.executable, *(TORCHRUN if nproc == 2 else []), script, *map(str, args)]
 
 
-def train(nproc, *args, script="train.py"):
-    """A whole run in its own process(es); returns its stdout, or fails the test with its output."""
-    result = subprocess.run(_command(nproc, script, args), cwd=REPO, env=_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+def train(nproc, *args, script="train.py", timeout=600):
+    """A whole run in its own process(es); returns its stdout, or fails the test with its output (after killing
+    every process of a run that took longer than `timeout` s)."""
+    proc = subprocess.Popen(_command(nproc, script, args), cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise AssertionError(f"the run did not end in {timeout} s: {args}") from None
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
-def reference_args(nproc, teacher, output):
-    """The reference run's train.py arguments: one or two processes, the teacher checkpoint, the output folder."""
-    return [*(ONE_PROCESS if nproc == 1 else TWO_PROCESSES), "--teacher-pretrained", teacher, "--output", output]
+def reference_args(nproc, teachers, output):
+    """The reference run's train.py arguments: one or two processes, {teacher name: checkpoint}, the output folder."""
+    return [*(ONE_PROCESS if nproc == 1 else TWO_PROCESSES), "--teacher-pretrained", teachers[TEACHERS[nproc]],
+            "--output", output]
 
 
 def process_tree(pid):
@@ -84,14 +94,18 @@ def kill_tree(proc):
 
 def train_and_kill(nproc, args, folder, mark):
     """Start a run writing to `folder` and SIGKILL all its processes once its log shows `mark`."""
-    proc = subprocess.Popen(_command(nproc, "train.py", args), cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = folder / "log.txt"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not (log.exists() and mark in log.read_text()):
-        time.sleep(0.01)
-    kill_tree(proc)
-    assert mark in log.read_text() and "Done:" not in log.read_text(), "the kill must land before the run ends"
+    output = folder.parent / f"{folder.name}.out"  # beside the run folder: what the process printed
+    with open(output, "w") as out:
+        proc = subprocess.Popen(_command(nproc, "train.py", args), cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT)
+        log = folder / "log.txt"
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not (log.exists() and mark in log.read_text()):
+            time.sleep(0.01)
+        kill_tree(proc)
+    text = log.read_text() if log.exists() else ""
+    assert mark in text and "Done:" not in text, ("the kill must land before the run ends, after "
+                                                  f"{mark!r}:\n{output.read_text()[-3000:]}")
 
 
 def copy_run(folder, destination):
@@ -116,9 +130,10 @@ def last_state(folder):
     return torch.load(folder / "last.pth.tar", weights_only=True)
 
 
-def assert_same_training_state(reference, resumed):
-    """Weights, EMA and distiller state (banks, AAD statistics) equal tensor for tensor, at the same position."""
-    assert (resumed["epoch"], resumed["global_step"]) == (reference["epoch"], reference["global_step"])
+def assert_same_training_state(reference, resumed, nproc):
+    """Weights, EMA and distiller state (banks, AAD statistics) equal tensor for tensor, both at the run's end."""
+    end = (2, 3 * STEPS_PER_EPOCH[nproc])
+    assert (resumed["epoch"], resumed["global_step"]) == (reference["epoch"], reference["global_step"]) == end
     for key in ("state_dict", "state_dict_ema", "distiller_extra"):
         assert reference[key].keys() == resumed[key].keys(), key
         for name, tensor in reference[key].items():

@@ -23,7 +23,7 @@ def resume_from_latest_recovery(nproc, killed, tmp_path):
 
 
 def assert_same_run(nproc, reference, folder):
-    runs.assert_same_training_state(runs.last_state(reference), runs.last_state(folder))
+    runs.assert_same_training_state(runs.last_state(reference), runs.last_state(folder), nproc)
     # The epoch's loss sums come back with the recovery checkpoint, so even the killed epoch's row agrees.
     assert (reference / "summary.csv").read_text() == (folder / "summary.csv").read_text()
     expected = runs.expected_recovery_positions(nproc)
