@@ -217,11 +217,17 @@ def run_folder(args):
     return folder
 
 
-def make_logger(folder, is_main):
+def close_log():
+    """Close and drop the run log's handlers (its log.txt), e.g. those of an earlier run in this process."""
     log = logging.getLogger("train")
-    for handler in list(log.handlers):  # a previous run's in this process (a test, a sweep): close its log file
+    for handler in list(log.handlers):
         handler.close()
         log.removeHandler(handler)
+
+
+def make_logger(folder, is_main):
+    close_log()  # a previous run's in this process (a test, a sweep)
+    log = logging.getLogger("train")
     log.propagate = False
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")

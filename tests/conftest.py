@@ -1,7 +1,6 @@
 import contextlib
 import importlib
 import io
-import logging
 import os
 import random
 import subprocess
@@ -38,6 +37,7 @@ def run_main(script, *args, cwd=REPO):
     stderr captured and SystemExit caught, from `cwd`. Returns what `run_cli` returns (returncode, stdout,
     stderr) without a subprocess's ~4-7 s of imports. Any other exception propagates, so a crash fails the test
     with its traceback; a clean CLI error (exit 2, one `error:` line) comes back as it would from a process."""
+    from engine.run import close_log
     module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
@@ -52,10 +52,7 @@ def run_main(script, *args, cwd=REPO):
             torch.set_rng_state(rng[0])
             np.random.set_state(rng[1])
             random.setstate(rng[2])
-            log = logging.getLogger("train")
-            for handler in list(log.handlers):  # the run's log file, and a stream that is about to close
-                handler.close()
-                log.removeHandler(handler)
+            close_log()  # the run's log file, and a stream that is about to close
     return subprocess.CompletedProcess([script, *argv], returncode, out.getvalue(), err.getvalue())
 
 

@@ -3,13 +3,13 @@ conftest.py trains once per session, and the means to SIGKILL a run mid-epoch an
 
 Each reference turns on every RNG stream and counter a resume must restore: augmentation in a loader worker,
 mixup (numpy's RNG), stochastic depth (torch's), an EMA, a per-update lr schedule, the teacher's evaluation at
-start-up, a BatchNorm CNN student, and recovery checkpoints (--recovery-interval) to resume from mid-epoch.
-The one-process run distils with CRD (memory banks, normaliser and a step counter that seeds its negatives);
-the two-process run with RSD over the gathered global batch (its AAD has BatchNorm), two accumulated
-micro-batches per update (DDP's no_sync), through tests/ddp_states.py so that every rank saves what it holds.
+start-up, and recovery checkpoints (--recovery-interval) to resume from mid-epoch. The one-process run
+distils a token student (test_vit) with CRD (memory banks, normaliser and a step counter that seeds its
+negatives); the two-process run a BatchNorm CNN student (test_resnet) with RSD over the gathered global batch
+(its AAD has BatchNorm), two accumulated micro-batches per update (DDP's no_sync), through tests/ddp_states.py
+so that every rank saves what it holds.
 """
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +17,8 @@ import sys
 import time
 
 import torch
+
+from engine.checkpoint import recovery_position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -35,7 +37,6 @@ TWO_PROCESSES = [*COMMON, "--model", "test_resnet", "--teacher", "test_vit", "-b
 TEACHERS = {1: "test_resnet", 2: "test_vit"}
 STEPS_PER_EPOCH = {1: 8, 2: 6}
 RECOVERY_INTERVAL = {1: 3, 2: 2}
-RECOVERY_FILE = re.compile(r"recovery-(\d+)-(\d+)\.pth\.tar")
 
 
 def _env():
@@ -116,7 +117,8 @@ def copy_run(folder, destination):
 
 def recovery_positions(folder):
     """{(epoch, step): path} of the recovery checkpoints in `folder`."""
-    return {(int(m[1]), int(m[2])): folder / m[0] for m in map(RECOVERY_FILE.fullmatch, os.listdir(folder)) if m}
+    positions = {name: recovery_position(name) for name in os.listdir(folder)}
+    return {position: folder / name for name, position in positions.items() if position is not None}
 
 
 def expected_recovery_positions(nproc, keep=2):

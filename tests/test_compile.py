@@ -1,6 +1,5 @@
 """--compile for real: the distiller's forward (and its backward) compiled by torch.compile's default inductor
 backend trains as the eager run of the same seed does. The other --compile tests replace torch.compile."""
-import logging
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch._dynamo.utils import counters
 from conftest import SMALL_RUN
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
-from engine.run import build_run
+from engine.run import build_run, close_log
 from engine.train_args import build_train_parser
 from engine.trainer import train
 
@@ -28,10 +27,7 @@ def one_thread_and_a_clean_compiler():
     torch.set_num_threads(threads)
     torch._dynamo.reset()
     counters.clear()
-    log = logging.getLogger("train")
-    for handler in list(log.handlers):
-        handler.close()
-        log.removeHandler(handler)
+    close_log()
 
 
 def two_steps(folder, *flags):
