@@ -9,8 +9,8 @@
 from distillers import DISTILLERS
 from engine.checkpoint import read_training_checkpoint
 from engine.config import parse_args_with_config, resumed_arguments
-from engine.distributed import shutdown_distributed
-from engine.errors import exit_cleanly_on_user_error
+from kdcore.distributed import shutdown_distributed
+from kdcore.errors import exit_cleanly_on_user_error
 from engine.run import build_run
 from engine.train_args import build_train_parser
 from engine.trainer import train

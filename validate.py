@@ -10,22 +10,21 @@ Model name, class count, input size and --model-kwargs default to those stored i
 `--results-file scores.csv` (or .json) also writes the printed record to a file, one row per model.
 """
 import argparse
-import csv
-import io
 import json
 import os
 
 import torch
 from timm.utils import ParseKwargs
 
-from engine.checkpoint import atomic_write_text
+from kdcore.io import atomic_write_text, csv_text
 from engine.datasets import DATASET_KINDS, build_dataset, infer_dataset_kind
-from engine.distributed import DistEnv
-from engine.errors import UserError, exit_cleanly_on_user_error
+from kdcore.distributed import DistEnv
+from kdcore.errors import UserError, exit_cleanly_on_user_error
 from engine.loader import build_eval_loader, resolve_data_settings
 from engine.loop import evaluate
-from engine.models import count_parameters, create_model, load_weights, read_checkpoint, recorded_args
-from engine.precision import AMP_DTYPES, autocast_context, default_device
+from engine.models import count_parameters, create_model
+from engine.weights import load_weights, read_checkpoint, recorded_args
+from kdcore.precision import AMP_DTYPES, autocast_context, default_device
 from engine.train_args import add_data_arguments
 
 
@@ -68,11 +67,7 @@ def write_results(rows, path):
     if path.lower().endswith(".json"):
         text = json.dumps(rows, indent=2) + "\n"
     else:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        text = buffer.getvalue()
+        text = csv_text(rows)
     atomic_write_text(text, path)
 
 

@@ -3,7 +3,7 @@
 `FAMILIES` maps a model class (looked up along the model's MRO, so subclasses such as distilled DeiT match)
 to a `Family`: its kind ('cnn': stages are NCHW maps; 'token': stages are NLC sequences with the prefix
 tokens, if any, in front), the `forward_intermediates` index of each paper stage, and a `run` function
-that turns timm's single pass into that layout. Shapes are never written here: `engine.stages.probe_stages`
+that turns timm's single pass into that layout. Shapes are never written here: `kdcore.stages.probe_stages`
 finds them by a dry run.
 
 Facts, checked against the paper's code:
@@ -18,8 +18,9 @@ Facts, checked against the paper's code:
   tokens in front, 197 x D for a 224 px ViT); for depth d, round((i + 1) * d / 12) - 1 clamped to [0, d - 1].
 
 A class missing here still works when no stage is requested (logits and embeddings need only timm's
-forward_features/forward_head). To support one, add it to FAMILIES; a class without forward_intermediates
-brings its own `run`.
+forward_features/forward_head). A model defined in this repo registers its own row from its own file
+(`register_family(CifarResNet, Family(...))` in custom_model/cifar_resnet.py); timm's classes are listed here. A
+class without forward_intermediates brings its own `run`.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -32,8 +33,7 @@ from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from custom_model.cifar_resnet import CifarResNet
-from engine.errors import UserError
+from kdcore.errors import UserError
 
 FINAL = "final"  # stage index meaning "the model's final features" (MobileNetV2 stage 4)
 LAYOUTS = {"cnn": "NCHW", "token": "NLC"}
@@ -79,7 +79,6 @@ class Family:
 
 FAMILIES = {
     ResNet: Family("cnn", lambda m: (1, 2, 3, 4), nchw_maps),
-    CifarResNet: Family("cnn", lambda m: (0, 1, 2, 3), nchw_maps),  # stem, then its 3 stages (mdistiller's order)
     ConvNeXt: Family("cnn", lambda m: (0, 1, 2, 3), nchw_maps),
     EfficientNet: Family("cnn", lambda m: (1, 2, 3, FINAL), nchw_maps),
     SwinTransformer: Family("token", lambda m: (0, 1, 2, 3), maps_as_tokens),
@@ -89,14 +88,20 @@ FAMILIES = {
 }
 
 
+def register_family(model_class, family):
+    """Add a row to the stage table: a model file calls this for the class it defines (custom_model/ does)."""
+    FAMILIES[model_class] = family
+    return family
+
+
 def family_for(model):
     """The table entry for the model's class or its nearest listed parent class."""
     for cls in type(model).__mro__:
         if cls in FAMILIES:
             return FAMILIES[cls]
-    raise UserError(f"no stage features for model class {type(model).__name__}: add it to the FAMILIES table "
-                    f"in custom_forward/__init__.py (kind, forward_intermediates index of paper stages 1-4, "
-                    f"run function), or use a distiller that needs only logits/embeddings")
+    raise UserError(f"no stage features for model class {type(model).__name__}: register its row of the stage "
+                    f"table with custom_forward.register_family (kind, forward_intermediates index of paper "
+                    f"stages 1-4, run function), or use a distiller that needs only logits/embeddings")
 
 
 def stage_features(model, x, stages):

@@ -15,7 +15,8 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.nn import functional as F
 
-from engine.datasets import CIFAR100_MEAN, CIFAR100_STD
+from custom_forward import Family, nchw_maps, register_family
+from kdcore.dataset_stats import CIFAR100_MEAN, CIFAR100_STD
 
 
 def conv3x3(in_channels, out_channels, stride=1):
@@ -105,6 +106,10 @@ class CifarResNet(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
+
+
+# Its row of the stage table: the stem, then its 3 stages (mdistiller's order).
+register_family(CifarResNet, Family("cnn", lambda m: (0, 1, 2, 3), nchw_maps))
 
 
 def _cfg():

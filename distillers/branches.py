@@ -9,7 +9,7 @@ embedding widths:
 - Token student: patch merging down to a 7 x 7 grid (the first merge maps C -> D_s), max(4 - s, 1) ViT
   blocks (width D_s, 4 heads), the class token (or the mean token when there is none), a Linear classifier.
   A grid too small to merge starts with Linear(C -> D_s) instead (Identity when C == D_s already).
-Shapes come from the dry run (`engine.stages.probe_stages`).
+Shapes come from the dry run (`kdcore.stages.probe_stages`).
 """
 import math
 
@@ -18,7 +18,7 @@ from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from engine.errors import UserError
+from kdcore.errors import UserError
 
 FINAL_GRID = 7
 BLOCK_HEADS = 4

@@ -5,36 +5,34 @@ teacher-side one belongs to the distiller); with delta_i = e_s,i - e_t,i the los
 with the next one in the batch: scale * mean_i sum_d |delta_i,d| |delta_{i+1},d|, times --kd-loss-weight.
 Adjacent pairs are taken over the global batch under DDP (gathered in rank order).
 """
-import torch
 from torch import nn
 
-from engine.distributed import gather_no_grad, gather_with_grad
-from engine.features import FeatureRequest
-from engine.models import embedding_dim
+from kdcore.distributed import gather_no_grad, gather_with_grad
+from kdcore.features import FeatureRequest
 
-from .base import Distiller
+from .base import Distiller, fp32_loss
 from .registry import register_distiller
 
 
+@fp32_loss
 def correlation_loss(student_embed, teacher_embed, scale):
     """scale * mean over adjacent samples (i, i+1) of sum_d |delta_i,d| |delta_{i+1},d|, in fp32 (fp64 kept)."""
-    with torch.autocast(student_embed.device.type, enabled=False):
-        dtype = torch.promote_types(student_embed.dtype, torch.float32)
-        delta = (student_embed.to(dtype) - teacher_embed.to(dtype)).abs()
-        return scale * (delta[:-1] * delta[1:]).sum(dim=1).mean()
+    delta = (student_embed - teacher_embed).abs()
+    return scale * (delta[:-1] * delta[1:]).sum(dim=1).mean()
 
 
 @register_distiller("correlation")
 class Correlation(Distiller):
     student_request = FeatureRequest(embedding=True)
     teacher_request = FeatureRequest(embedding=True, logits=False)
+    shared_flags = ("kd_loss_weight",)
 
     def __init__(self, student, context):
         super().__init__(student, context)
         args = context.args
-        self.scale, self.kd_loss_weight = args.correlation_scale, args.kd_loss_weight
-        self.embed_s = nn.Linear(embedding_dim(student), args.correlation_feat_dim)
-        self.embed_t = nn.Linear(embedding_dim(context.teacher), args.correlation_feat_dim)
+        self.correlation_scale, self.kd_loss_weight = args.correlation_scale, args.kd_loss_weight
+        self.embed_s = nn.Linear(context.student.embedding_width, args.correlation_feat_dim)
+        self.embed_t = nn.Linear(context.teacher.embedding_width, args.correlation_feat_dim)
 
     @classmethod
     def add_arguments(cls, parser):
@@ -47,4 +45,4 @@ class Correlation(Distiller):
         # Projected after gathering, so the teacher-side Linear gets the global-batch gradient on every rank.
         student = self.embed_s(gather_with_grad(student_feats.embedding))
         teacher = self.embed_t(gather_no_grad(teacher_feats.embedding))
-        return {"correlation": self.kd_loss_weight * correlation_loss(student, teacher, self.scale)}
+        return {"correlation": self.kd_loss_weight * correlation_loss(student, teacher, self.correlation_scale)}

@@ -8,10 +8,10 @@ The intra term is a batch statistic, so it is taken over the global batch under 
 """
 import torch.nn.functional as F
 
-from engine.distributed import gather_no_grad, gather_with_grad
-from engine.features import FeatureRequest
+from kdcore.distributed import gather_no_grad, gather_with_grad
+from kdcore.features import FeatureRequest
 
-from .base import Distiller, at_least_fp32
+from .base import Distiller, fp32_loss
 from .registry import register_distiller
 
 PEARSON_EPS = 1e-8  # added to the product of the norms, as the reference
@@ -24,10 +24,11 @@ def _row_pearson(a, b):
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + PEARSON_EPS)
 
 
+@fp32_loss
 def dist_loss(logits_student, logits_teacher, beta, gamma, tau):
     """tau^2 * (beta * inter + gamma * intra) over the rows given (the whole batch), in fp32 (fp64 stays fp64)."""
-    y_s = F.softmax(at_least_fp32(logits_student) / tau, dim=1)
-    y_t = F.softmax(at_least_fp32(logits_teacher).to(y_s.dtype) / tau, dim=1)
+    y_s = F.softmax(logits_student / tau, dim=1)
+    y_t = F.softmax(logits_teacher.to(y_s.dtype) / tau, dim=1)
     inter = 1 - _row_pearson(y_s, y_t).mean()
     intra = 1 - _row_pearson(y_s.t(), y_t.t()).mean()
     return tau ** 2 * (beta * inter + gamma * intra)
@@ -36,11 +37,12 @@ def dist_loss(logits_student, logits_teacher, beta, gamma, tau):
 @register_distiller("dist")
 class DIST(Distiller):
     teacher_request = FeatureRequest(logits=True)
+    shared_flags = ("kd_loss_weight",)
 
     def __init__(self, student, context):
         super().__init__(student, context)
         args = context.args
-        self.beta, self.gamma, self.tau = args.dist_beta, args.dist_gamma, args.dist_tau
+        self.dist_beta, self.dist_gamma, self.dist_tau = args.dist_beta, args.dist_gamma, args.dist_tau
         self.kd_loss_weight = args.kd_loss_weight
 
     @classmethod
@@ -51,6 +53,6 @@ class DIST(Distiller):
         g.add_argument("--dist-tau", type=float, default=1.0, help="softmax temperature tau")
 
     def distill_losses(self, student_feats, teacher_feats, batch):
-        loss = dist_loss(gather_with_grad(student_feats.logits), gather_no_grad(teacher_feats.logits), self.beta,
-                         self.gamma, self.tau)
+        loss = dist_loss(gather_with_grad(student_feats.logits), gather_no_grad(teacher_feats.logits), self.dist_beta,
+                         self.dist_gamma, self.dist_tau)
         return {"dist": self.kd_loss_weight * loss}

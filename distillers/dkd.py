@@ -12,9 +12,9 @@ whose DKD the RSD paper's tables report, has none.
 import torch
 import torch.nn.functional as F
 
-from engine.features import FeatureRequest
+from kdcore.features import FeatureRequest
 
-from .base import Distiller, at_least_fp32
+from .base import Distiller, fp32_loss
 from .registry import register_distiller
 
 TARGET_MASK = 1000.0  # subtracted from the target logit (after dividing by T) to leave it out of NCKD's softmax
@@ -32,10 +32,11 @@ def _kl(log_p_student, log_p_teacher):
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
 
 
+@fp32_loss
 def dkd_loss(logits_student, logits_teacher, labels, alpha, beta, temperature):
     """T^2 * (alpha * TCKD + beta * NCKD) for hard `labels` (B,), in fp32 (fp64 stays fp64)."""
-    z_s = at_least_fp32(logits_student) / temperature
-    z_t = at_least_fp32(logits_teacher).to(z_s.dtype) / temperature
+    z_s = logits_student / temperature
+    z_t = logits_teacher.to(z_s.dtype) / temperature
     target = F.one_hot(labels, z_s.shape[1]).bool()
     tckd = _kl(_binary_log_probs(z_s, target), _binary_log_probs(z_t, target))
     mask = TARGET_MASK * target.to(z_s.dtype)
@@ -46,11 +47,12 @@ def dkd_loss(logits_student, logits_teacher, labels, alpha, beta, temperature):
 @register_distiller("dkd")
 class DKD(Distiller):
     teacher_request = FeatureRequest(logits=True)
+    shared_flags = ("kd_loss_weight",)
 
     def __init__(self, student, context):
         super().__init__(student, context)
         args = context.args
-        self.alpha, self.beta, self.temperature = args.dkd_alpha, args.dkd_beta, args.dkd_temperature
+        self.dkd_alpha, self.dkd_beta, self.dkd_temperature = args.dkd_alpha, args.dkd_beta, args.dkd_temperature
         self.kd_loss_weight = args.kd_loss_weight
 
     @classmethod
@@ -61,6 +63,6 @@ class DKD(Distiller):
         g.add_argument("--dkd-temperature", type=float, default=1.0, help="softmax temperature T")
 
     def distill_losses(self, student_feats, teacher_feats, batch):
-        loss = dkd_loss(student_feats.logits, teacher_feats.logits, batch.labels, self.alpha, self.beta,
-                        self.temperature)
+        loss = dkd_loss(student_feats.logits, teacher_feats.logits, batch.labels, self.dkd_alpha, self.dkd_beta,
+                        self.dkd_temperature)
         return {"dkd": self.kd_loss_weight * loss}

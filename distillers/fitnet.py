@@ -13,25 +13,22 @@ statistics, so DDP's gradient averaging already gives the global-batch result.
 """
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import UserError
-from engine.features import PAPER_STAGES, FeatureRequest
+from kdcore.errors import UserError
+from kdcore.features import PAPER_STAGES, FeatureRequest
 
-from .base import Distiller
+from .base import Distiller, fp32_loss
 from .registry import register_distiller
 
 HINT_SCALE = 0.1  # the RSD code's extra factor on the summed hint losses
 
 
+@fp32_loss
 def fitnet_loss(student_maps, teacher_maps):
     """Sum over stages of the element-mean squared error between aligned maps, in fp32 (fp64 kept)."""
-    with torch.autocast(student_maps[0].device.type, enabled=False):
-        return sum(F.mse_loss(s.to(torch.promote_types(s.dtype, torch.float32)),
-                              t.to(torch.promote_types(t.dtype, torch.float32)))
-                   for s, t in zip(student_maps, teacher_maps))
+    return sum(F.mse_loss(s, t) for s, t in zip(student_maps, teacher_maps))
 
 
 def map_shape(info, role):
@@ -77,10 +74,10 @@ class HintAdapter(nn.Module):
 class FitNet(Distiller):
     def __init__(self, student, context):
         super().__init__(student, context)
-        self.loss_weight = context.args.fitnet_loss_weight
+        self.fitnet_loss_weight = context.args.fitnet_loss_weight
         stages = self.student_request.stages
-        self.teacher_info = {s: context.teacher_stages[s] for s in stages}
-        self.adapters = nn.ModuleDict({str(s): HintAdapter(context.student_stages[s], context.teacher_stages[s])
+        self.teacher_info = {s: context.teacher.stages[s] for s in stages}
+        self.adapters = nn.ModuleDict({str(s): HintAdapter(context.student.stages[s], context.teacher.stages[s])
                                        for s in stages})
 
     @classmethod
@@ -107,4 +104,4 @@ class FitNet(Distiller):
 
     def distill_losses(self, student_feats, teacher_feats, batch):
         students, teachers = self.aligned_maps(student_feats, teacher_feats)
-        return {"fitnet": HINT_SCALE * self.loss_weight * fitnet_loss(students, teachers)}
+        return {"fitnet": HINT_SCALE * self.fitnet_loss_weight * fitnet_loss(students, teachers)}

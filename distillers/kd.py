@@ -8,18 +8,20 @@ so bf16 student logits under autocast never reach a log.
 """
 import torch.nn.functional as F
 
-from engine.features import FeatureRequest
+from kdcore.features import FeatureRequest
 
-from .base import Distiller, at_least_fp32
+from .base import Distiller, fp32_loss
 from .registry import register_distiller
 
 
+@fp32_loss
 def kd_loss(logits_student, logits_teacher, temperature):
-    log_p_s = F.log_softmax(at_least_fp32(logits_student) / temperature, dim=1)
-    log_p_t = F.log_softmax(at_least_fp32(logits_teacher).to(log_p_s.dtype) / temperature, dim=1)
+    log_p_s = F.log_softmax(logits_student / temperature, dim=1)
+    log_p_t = F.log_softmax(logits_teacher.to(log_p_s.dtype) / temperature, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
+@fp32_loss
 def bkd_loss(logits_student, logits_teacher, temperature):
     """mean_{b,c} BCE(sigmoid(s_bc / T), softmax(t_b / T)_c) * T^2.
 
@@ -27,19 +29,20 @@ def bkd_loss(logits_student, logits_teacher, temperature):
     sides are softened by T and the T^2 factor keeps the gradient scale of KD. The minimum over the student
     logits is at s / T = logit(p_t).
     """
-    s = at_least_fp32(logits_student) / temperature
-    p_t = F.softmax(at_least_fp32(logits_teacher).to(s.dtype) / temperature, dim=1)
+    s = logits_student / temperature
+    p_t = F.softmax(logits_teacher.to(s.dtype) / temperature, dim=1)
     return F.binary_cross_entropy_with_logits(s, p_t) * temperature ** 2
 
 
 @register_distiller("kd")
 class KD(Distiller):
     teacher_request = FeatureRequest(logits=True)
+    shared_flags = ("kd_loss_weight",)
 
     def __init__(self, student, context):
         super().__init__(student, context)
         args = context.args
-        self.temperature, self.kd_loss_weight = args.kd_temperature, args.kd_loss_weight
+        self.kd_temperature, self.kd_loss_weight = args.kd_temperature, args.kd_loss_weight
 
     @classmethod
     def add_arguments(cls, parser):
@@ -47,15 +50,11 @@ class KD(Distiller):
         g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature T (KD and BKD)")
 
     def distill_losses(self, student_feats, teacher_feats, batch):
-        return {"kd": self.kd_loss_weight * kd_loss(student_feats.logits, teacher_feats.logits, self.temperature)}
+        return {"kd": self.kd_loss_weight * kd_loss(student_feats.logits, teacher_feats.logits, self.kd_temperature)}
 
 
 @register_distiller("bkd")
 class BKD(KD):
 
-    @classmethod
-    def add_arguments(cls, parser):
-        """No flags of its own: BKD reads KD's --kd-temperature."""
-
     def distill_losses(self, student_feats, teacher_feats, batch):
-        return {"bkd": self.kd_loss_weight * bkd_loss(student_feats.logits, teacher_feats.logits, self.temperature)}
+        return {"bkd": self.kd_loss_weight * bkd_loss(student_feats.logits, teacher_feats.logits, self.kd_temperature)}

@@ -6,20 +6,19 @@ where each stage's branch (distillers/branches.py) turns a student stage feature
 `--ofa-criterion rsd` is the RSD paper's Table 6: every one of those terms becomes the RSD loss between
 the (branch) logits and the teacher logits, over the global batch, with the same weights.
 """
-import torch
 import torch.nn.functional as F
 
-from engine.distributed import gather_no_grad, gather_with_grad
-from engine.errors import UserError
-from engine.features import FeatureRequest
-from engine.models import embedding_dim
+from kdcore.distributed import gather_no_grad, gather_with_grad
+from kdcore.errors import UserError
+from kdcore.features import FeatureRequest
 
-from .base import Distiller
+from .base import Distiller, fp32_loss
 from .branches import StageBranches
 from .registry import register_distiller
 from .rsd import rsd_loss
 
 
+@fp32_loss
 def ofa_loss(logits_student, logits_teacher, target_mask, eps, temperature):
     """mean_b sum_c -[(p_t + y)^eps - y] * log p_s with p = softmax(logits / T) and y the one-hot target.
 
@@ -27,13 +26,11 @@ def ofa_loss(logits_student, logits_teacher, target_mask, eps, temperature):
     no T^2 factor. Computed in fp32 (fp64 stays fp64) with log_softmax, so fp16/bf16 logits cannot turn the
     log of an underflowed probability into NaN.
     """
-    dtype = torch.float64 if logits_student.dtype == torch.float64 else torch.float32
-    with torch.autocast(logits_student.device.type, enabled=False):
-        log_p_s = F.log_softmax(logits_student.to(dtype) / temperature, dim=1)
-        p_t = F.softmax(logits_teacher.to(dtype) / temperature, dim=1)
-        target_mask = target_mask.to(dtype)
-        weight = (p_t + target_mask).pow(eps) - target_mask
-        return -(weight * log_p_s).sum(dim=1).mean()
+    log_p_s = F.log_softmax(logits_student / temperature, dim=1)
+    p_t = F.softmax(logits_teacher.to(log_p_s.dtype) / temperature, dim=1)
+    target_mask = target_mask.to(log_p_s.dtype)
+    weight = (p_t + target_mask).pow(eps) - target_mask
+    return -(weight * log_p_s).sum(dim=1).mean()
 
 
 def stage_eps(stages, eps):
@@ -49,6 +46,9 @@ def stage_eps(stages, eps):
 
 @register_distiller("ofa")
 class OFA(Distiller):
+    shared_flags = ("kd_loss_weight",)
+    borrowed_flags = {"rsd_kappa": "rsd"}  # --ofa-criterion rsd: the RSD terms' kappa
+
 
     @classmethod
     def feature_requests(cls, args):
@@ -59,12 +59,12 @@ class OFA(Distiller):
         args = context.args
         if len(set(args.ofa_stage)) != len(args.ofa_stage):
             raise UserError(f"--ofa-stage lists a stage twice: {args.ofa_stage}")
-        self.eps, self.eps_logits = stage_eps(args.ofa_stage, args.ofa_eps)
-        self.temperature, self.criterion = args.ofa_temperature, args.ofa_criterion
+        self.ofa_eps_by_stage, self.ofa_eps_logits = stage_eps(args.ofa_stage, args.ofa_eps)
+        self.ofa_temperature, self.ofa_criterion = args.ofa_temperature, args.ofa_criterion
         self.kd_loss_weight, self.ofa_loss_weight = args.kd_loss_weight, args.ofa_loss_weight
-        self.rsd_kappa = args.rsd_kappa if self.criterion == "rsd" else None
-        self.branches = StageBranches(context.student_stages, embedding_dim(student),
-                                      embedding_dim(context.teacher), context.num_classes)
+        self.rsd_kappa = args.rsd_kappa if self.ofa_criterion == "rsd" else None
+        self.branches = StageBranches(context.student.stages, context.student.embedding_width,
+                                      context.teacher.embedding_width, context.num_classes)
 
     @classmethod
     def add_arguments(cls, parser):
@@ -80,18 +80,18 @@ class OFA(Distiller):
                             "kappa from --rsd-kappa)")
 
     def _term(self, logits, teacher_logits, target_mask, eps):
-        if self.criterion == "rsd":
+        if self.ofa_criterion == "rsd":
             return rsd_loss(gather_with_grad(logits), teacher_logits, self.rsd_kappa)
-        return ofa_loss(logits, teacher_logits, target_mask, eps, self.temperature)
+        return ofa_loss(logits, teacher_logits, target_mask, eps, self.ofa_temperature)
 
     def distill_losses(self, student_feats, teacher_feats, batch):
         teacher_logits = teacher_feats.logits
-        if self.criterion == "rsd":
+        if self.ofa_criterion == "rsd":
             teacher_logits = gather_no_grad(teacher_logits)
         target_mask = F.one_hot(batch.labels, student_feats.logits.shape[1])
         losses = {"ofa": self.kd_loss_weight * self._term(student_feats.logits, teacher_logits, target_mask,
-                                                          self.eps_logits)}
+                                                          self.ofa_eps_logits)}
         for stage, logits in self.branches(student_feats.stages).items():
             losses[f"ofa_stage{stage}"] = self.ofa_loss_weight * self._term(logits, teacher_logits, target_mask,
-                                                                           self.eps[stage])
+                                                                           self.ofa_eps_by_stage[stage])
         return losses

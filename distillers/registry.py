@@ -1,6 +1,10 @@
-from engine.errors import UserError
+"""The registered distillers by name, and the parser flags they bring."""
+from kdcore.errors import UserError
 
 DISTILLERS = {}
+# Flags every method may read, with what they weigh; each one's help names its readers.
+GT_LOSS_HELP = "weight of the ground-truth loss"
+KD_LOSS_HELP = "weight of the distillation loss"
 
 
 def register_distiller(name):
@@ -17,6 +21,36 @@ def get_distiller_class(name):
     return DISTILLERS[name]
 
 
-def build_distiller(name, student, context):
-    """The distiller `name` around `student`, built with a `DistillerContext`."""
-    return get_distiller_class(name)(student, context)
+def _defining_classes(registry):
+    """Every class along the registered classes' MROs that defines `add_arguments` itself, each once, parents first."""
+    classes = []
+    for cls in registry.values():
+        for klass in reversed(cls.__mro__):
+            if "add_arguments" in vars(klass) and klass not in classes:
+                classes.append(klass)
+    return classes
+
+
+def _names(classes):
+    return ", ".join(sorted({cls.name for cls in classes}))
+
+
+def add_distiller_arguments(parser, registry=None):
+    """--distiller, the shared loss weights (their help names the methods that read them), then each method's own
+    flags (a flag another method borrows says so in its help)."""
+    registry = DISTILLERS if registry is None else registry
+    g = parser.add_argument_group("distillation")
+    g.add_argument("--distiller", default="vanilla", choices=sorted(registry))
+    g.add_argument("--gt-loss-weight", type=float, default=1.0, help=f"{GT_LOSS_HELP} (every distiller)")
+    kd_readers = [cls for cls in registry.values() if "kd_loss_weight" in cls.shared_flags]
+    g.add_argument("--kd-loss-weight", type=float, default=1.0,
+                   help=f"{KD_LOSS_HELP}, read by {_names(kd_readers)} (the others have weights of their own)")
+    for klass in _defining_classes(registry):
+        klass.add_arguments(parser)
+    borrowers = {}
+    for cls in registry.values():
+        for dest, owner in cls.borrowed_flags.items():
+            borrowers.setdefault(dest, set()).add(cls)
+    for action in parser._actions:
+        if action.dest in borrowers:
+            action.help = f"{action.help or ''} (also read by {_names(borrowers[action.dest])})".lstrip()

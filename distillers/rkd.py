@@ -9,10 +9,10 @@ Total: kd_loss_weight * (distance_weight * distance + angle_weight * angle), ove
 import torch
 import torch.nn.functional as F
 
-from engine.distributed import gather_no_grad, gather_with_grad
-from engine.features import FeatureRequest
+from kdcore.distributed import gather_no_grad, gather_with_grad
+from kdcore.features import FeatureRequest
 
-from .base import Distiller
+from .base import Distiller, fp32_loss
 from .registry import register_distiller
 
 
@@ -37,27 +37,27 @@ def triplet_cosines(x):
     return directions @ directions.transpose(1, 2)
 
 
+@fp32_loss
 def rkd_loss(student_emb, teacher_emb, distance_weight, angle_weight, eps, squared):
     """distance_weight * smooth-L1(distances) + angle_weight * smooth-L1(angles), in fp32 (fp64 kept)."""
-    with torch.autocast(student_emb.device.type, enabled=False):
-        s = student_emb.to(torch.promote_types(student_emb.dtype, torch.float32))
-        t = teacher_emb.to(torch.promote_types(teacher_emb.dtype, torch.float32))
-        distance = F.smooth_l1_loss(normalised_distances(s, eps, squared), normalised_distances(t, eps, squared))
-        angle = F.smooth_l1_loss(triplet_cosines(s), triplet_cosines(t))
-        return distance_weight * distance + angle_weight * angle
+    s, t = student_emb, teacher_emb
+    distance = F.smooth_l1_loss(normalised_distances(s, eps, squared), normalised_distances(t, eps, squared))
+    angle = F.smooth_l1_loss(triplet_cosines(s), triplet_cosines(t))
+    return distance_weight * distance + angle_weight * angle
 
 
 @register_distiller("rkd")
 class RKD(Distiller):
     student_request = FeatureRequest(embedding=True)
     teacher_request = FeatureRequest(embedding=True, logits=False)
+    shared_flags = ("kd_loss_weight",)
 
     def __init__(self, student, context):
         super().__init__(student, context)
         args = context.args
         self.kd_loss_weight = args.kd_loss_weight
-        self.distance_weight, self.angle_weight = args.rkd_distance_weight, args.rkd_angle_weight
-        self.eps, self.squared = args.rkd_eps, args.rkd_squared
+        self.rkd_distance_weight, self.rkd_angle_weight = args.rkd_distance_weight, args.rkd_angle_weight
+        self.rkd_eps, self.rkd_squared = args.rkd_eps, args.rkd_squared
 
     @classmethod
     def add_arguments(cls, parser):
@@ -70,5 +70,6 @@ class RKD(Distiller):
     def distill_losses(self, student_feats, teacher_feats, batch):
         student = gather_with_grad(student_feats.embedding)
         teacher = gather_no_grad(teacher_feats.embedding)
-        loss = rkd_loss(student, teacher, self.distance_weight, self.angle_weight, self.eps, self.squared)
+        loss = rkd_loss(student, teacher, self.rkd_distance_weight, self.rkd_angle_weight, self.rkd_eps,
+                        self.rkd_squared)
         return {"rkd": self.kd_loss_weight * loss}

@@ -13,12 +13,11 @@ teacher logits, per listed stage). RSD inside OFA (Table 6) is `--distiller ofa 
 import torch
 from torch import nn
 
-from engine.distributed import gather_no_grad, gather_with_grad
-from engine.errors import UserError
-from engine.features import FeatureRequest
-from engine.models import embedding_dim
+from kdcore.distributed import gather_no_grad, gather_with_grad
+from kdcore.errors import UserError
+from kdcore.features import FeatureRequest
 
-from .base import Distiller, at_least_fp32
+from .base import Distiller, fp32_loss
 from .branches import StageBranches
 from .registry import register_distiller
 
@@ -30,16 +29,12 @@ def standardise(x):
     return (x - x.mean(dim=0)) / (x.std(dim=0, unbiased=False) + STANDARDISE_EPS)
 
 
+@fp32_loss
 def rsd_loss(student_feats, teacher_feats, kappa):
     """Invariance term on C's diagonal plus kappa times the redundancy (off-diagonal) term; a sum.
 
     Computed in fp32 (or fp64) even under autocast: C is a sum over the batch of products.
     """
-    with torch.autocast(student_feats.device.type, enabled=False):
-        return _rsd_loss_fp32(at_least_fp32(student_feats), at_least_fp32(teacher_feats), kappa)
-
-
-def _rsd_loss_fp32(student_feats, teacher_feats, kappa):
     s, t = standardise(student_feats), standardise(teacher_feats)
     corr = t.t() @ s / s.shape[0]
     diag = torch.diagonal(corr)
@@ -76,8 +71,8 @@ class RSD(Distiller):
     def __init__(self, student, context):
         super().__init__(student, context)
         args = context.args
-        self.loss_weight, self.kappa = args.rsd_loss_weight, args.rsd_kappa
-        d_s, d_t = embedding_dim(student), embedding_dim(context.teacher)
+        self.rsd_loss_weight, self.rsd_kappa = args.rsd_loss_weight, args.rsd_kappa
+        d_s, d_t = context.student.embedding_width, context.teacher.embedding_width
         if args.rsd_target == "logits":
             self.aad = None
         elif args.rsd_no_aad:
@@ -87,7 +82,7 @@ class RSD(Distiller):
             self.aad = nn.Identity()
         else:
             self.aad = ArchitectureAgnosticDecoupler(d_s, d_t, args.rsd_gamma)
-        self.branches = StageBranches(context.student_stages, d_s, d_t, context.num_classes)
+        self.branches = StageBranches(context.student.stages, d_s, d_t, context.num_classes)
 
     @classmethod
     def add_arguments(cls, parser):
@@ -104,16 +99,16 @@ class RSD(Distiller):
 
     def distill_losses(self, student_feats, teacher_feats, batch):
         if self.aad is None:
-            losses = {"rsd": self.loss_weight * rsd_loss(gather_with_grad(student_feats.logits),
-                                                         gather_no_grad(teacher_feats.logits), self.kappa)}
+            losses = {"rsd": self.rsd_loss_weight * rsd_loss(gather_with_grad(student_feats.logits),
+                                                             gather_no_grad(teacher_feats.logits), self.rsd_kappa)}
         else:
             # AAD runs on the gathered global batch, so its BatchNorm sees global statistics on any device.
             projected = self.aad(gather_with_grad(student_feats.embedding))
             teacher = gather_no_grad(teacher_feats.embedding)
-            losses = {"rsd": self.loss_weight * rsd_loss(projected, teacher, self.kappa)}
+            losses = {"rsd": self.rsd_loss_weight * rsd_loss(projected, teacher, self.rsd_kappa)}
         if self.branches:
             teacher_logits = gather_no_grad(teacher_feats.logits)
             for stage, logits in self.branches(student_feats.stages).items():
-                losses[f"rsd_stage{stage}"] = self.loss_weight * rsd_loss(gather_with_grad(logits), teacher_logits,
-                                                                         self.kappa)
+                losses[f"rsd_stage{stage}"] = self.rsd_loss_weight * rsd_loss(gather_with_grad(logits), teacher_logits,
+                                                                             self.rsd_kappa)
         return losses

@@ -21,8 +21,9 @@ import os
 import numpy as np
 import torch
 
-from .errors import UserError
-from .features import Features
+from kdcore.errors import UserError
+from kdcore.io import atomic_write_json
+from kdcore.features import Features
 
 FORMAT_VERSION = 1
 ARRAYS = ("logits", "embedding")
@@ -35,16 +36,6 @@ def dataset_identity(labels, class_names):
     labels = np.ascontiguousarray(np.asarray(labels, dtype=np.int64))
     return {"size": int(labels.size), "class_names": [str(c) for c in class_names],
             "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
-
-
-def _write_json(path, value):
-    """Write `value` to `path` atomically (a temporary file, then a rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_meta(folder):
@@ -86,7 +77,7 @@ class CacheWriter:
                                                     dtype=np.float32, shape=(size, w))
                        for k, w in self.meta["widths"].items()}
         if mode == "w+":
-            _write_json(os.path.join(self.partial, META), self.meta)
+            atomic_write_json(self.meta, os.path.join(self.partial, META))
 
     @property
     def done(self):
@@ -104,7 +95,7 @@ class CacheWriter:
             self.arrays[key][start:stop] = value
             self.arrays[key].flush()
         self.meta["done"] = stop
-        _write_json(os.path.join(self.partial, META), self.meta)
+        atomic_write_json(self.meta, os.path.join(self.partial, META))
 
     def finish(self):
         """Rename the complete cache into place; returns its path."""

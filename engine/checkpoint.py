@@ -1,72 +1,18 @@
-"""Complete, atomic, weights_only-loadable training checkpoints, student-only exports, and the summary CSV."""
-import csv
-import glob
-import io
+"""Complete, atomic, weights_only-loadable training checkpoints: what they hold, RNG states, recovery files."""
 import os
 import random
 import re
-import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
-from .models import read_checkpoint
+from kdcore.errors import UserError
+from kdcore.io import atomic_save
 
-CHECKPOINT_VERSION = 2  # 2: one RNG state per process, and the epoch history behind summary.csv
+from .weights import read_checkpoint
 
-
-def fsync_folder(folder):
-    """Make renames inside `folder` durable (a rename is an update of the folder itself)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write):
-    """`write(file)` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_folder(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_save(obj, path):
-    """torch.save `obj` to `path`; a reader sees the old file or the complete new one, never a partial one."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text, path):
-    """Write `text` to `path`; a reader sees the old file or the complete new one."""
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def atomic_copy(src, dst):
-    with open(src, "rb") as source:
-        atomic_write(dst, lambda f: shutil.copyfileobj(source, f))
-
-
-def remove_stale_temporaries(folder):
-    """Partial files a killed process left behind (the real files are never partial)."""
-    for path in glob.glob(os.path.join(folder, "*.tmp")):
-        os.remove(path)
-
-
-def write_summary_csv(history, path):
-    """summary.csv from the epoch rows stored in the checkpoint, so the two always agree (after a resume
-    too: no row is written twice, none is lost)."""
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+CHECKPOINT_VERSION = 3  # 2: one RNG state per process and the epoch history; 3: CRD/RichKD state under contrast.
 
 
 def capture_rng_state():

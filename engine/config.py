@@ -13,7 +13,7 @@ import os
 
 import yaml
 
-from .errors import UserError
+from kdcore.errors import UserError
 
 INCLUDE, OVERRIDES = "include", "distiller_overrides"
 NOT_SETTABLE = ("help", "config")  # argument names a config may not set

@@ -17,7 +17,7 @@ from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from .datasets import IndexedDataset, build_dataset, infer_dataset_kind
-from .errors import UserError
+from kdcore.errors import UserError
 
 
 def resolve_data_settings(args, model, dataset):

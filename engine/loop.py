@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from timm.utils import accuracy, dispatch_clip_grad
 
-from .batch import Batch
+from kdcore.batch import Batch
 from .checkpoint import save_recovery
-from .distributed import all_reduce_sum, world_size
-from .errors import UserError
+from kdcore.distributed import all_reduce_sum, world_size
+from kdcore.errors import UserError
 
 
 def format_seconds(seconds):
@@ -58,13 +58,15 @@ class LossTracker:
         return {"sums": dict(self.sums), "count": self.count}
 
 
-def forward_backward(model, teacher, batch, *, autocast, scaler=None, divisor=1):
-    """Teacher features (frozen, no grad), the distiller's losses, and the backward of their sum / `divisor`
+def forward_backward(model, teacher, batch, *, autocast, scaler=None, divisor=1, sources=None):
+    """The features of the teacher and of each second source in `sources` (frozen, no grad, each in its own
+    precision, outside the student's autocast), the distiller's losses, and the backward of their sum / `divisor`
     (the micro-batches of one accumulated update). Returns the undivided total and its terms as tensors
     (not read here, so the step never waits on the device)."""
-    teacher_feats = teacher(batch.images) if teacher is not None else None
+    teacher_feats = teacher(batch) if teacher is not None else None
+    source_feats = {name: source(batch) for name, source in (sources or {}).items()}
     with autocast():
-        _, losses = model(batch, teacher_feats)
+        _, losses = model(batch, teacher_feats, source_feats)
     loss = sum(losses.values())
     scaled = loss / divisor if divisor != 1 else loss
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -86,10 +88,10 @@ def optimizer_step(optimizer, *, scaler=None, clip_grad=None, clip_mode="norm", 
 
 
 def train_step(model, teacher, optimizer, batch, *, autocast, scaler=None, clip_grad=None, clip_mode="norm",
-               params=None):
+               params=None, sources=None):
     """One optimisation step on one batch (no accumulation); returns the total loss and its terms as tensors."""
     optimizer.zero_grad(set_to_none=True)
-    loss, losses = forward_backward(model, teacher, batch, autocast=autocast, scaler=scaler)
+    loss, losses = forward_backward(model, teacher, batch, autocast=autocast, scaler=scaler, sources=sources)
     optimizer_step(optimizer, scaler=scaler, clip_grad=clip_grad, clip_mode=clip_mode, params=params)
     return loss, losses
 
@@ -148,7 +150,7 @@ def train_one_epoch(run, epoch, start_step=0, start_losses=None):
         closes_group = position == group_size - 1
         with run.model.no_sync() if env.distributed and not closes_group else contextlib.nullcontext():
             loss, losses = forward_backward(run.model, run.teacher, batch, autocast=run.autocast,
-                                            scaler=run.scaler, divisor=group_size)
+                                            scaler=run.scaler, divisor=group_size, sources=run.sources)
         tracker.add({"loss": loss, **losses})
         if not closes_group:
             continue

@@ -7,7 +7,7 @@ projectors) get an lr scale of 1.
 """
 from timm.optim import create_optimizer_v2, optimizer_kwargs, param_groups_layer_decay, param_groups_weight_decay
 
-from .errors import UserError
+from kdcore.errors import UserError
 
 DEFAULT_LR = 0.05  # when neither --lr nor --lr-base is given
 

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -20,21 +20,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from distillers import DistillerContext, build_distiller, get_distiller_class
+from distillers import build_distiller, get_distiller_class
 
 from .batchnorm import convert_sync_batchnorm
-from .checkpoint import remove_stale_temporaries, restore_training_state, write_summary_csv
+from .checkpoint import restore_training_state
+from kdcore.io import atomic_write_csv, remove_stale_temporaries
 from .config import save_args_yaml
-from .distributed import DistEnv, init_distributed
-from .errors import UserError
+from kdcore.distributed import DistEnv, init_distributed
+from kdcore.errors import UserError
 from .datasets import dataset_labels
 from .loop import updates_per_epoch
 from .loader import build_loaders, build_mixup, load_datasets, resolve_data_settings
-from .models import RATE_FLAGS, count_parameters, create_model, load_weights
+from .models import RATE_FLAGS, count_parameters, create_model
+from .weights import load_weights
 from .optim import build_optimizer, resolve_lr
-from .precision import autocast_context, resolve_teacher_precision
-from .stages import probe_stages
-from .teacher import FrozenSource, build_frozen_teacher, build_teacher_model
+from kdcore.precision import autocast_context, resolve_teacher_precision
+from .sources import FrozenSource, build_extra_sources, build_frozen_teacher, build_teacher_model
 
 EVAL_METRICS = ("top1", "top5", "loss")
 # create_model arguments that have flags of their own, so --model-kwargs may not set them
@@ -75,6 +76,7 @@ class Run:
     distiller: nn.Module  # the student plus the distiller's own modules (AAD, projectors)
     model: nn.Module  # what the training step calls: the distiller, or its DDP wrapper
     teacher: Optional[FrozenSource]
+    sources: Dict[str, Any]  # second sources by name (FrozenSource or CachedSource), called beside the teacher
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: Optional[torch.amp.GradScaler]
@@ -168,21 +170,19 @@ def build_data(args, env, student, train_set, val_set, kind):
                 train_labels=dataset_labels(train_set))
 
 
-def build_distiller_for(args, env, student, teacher_model, data, mixup):
-    """The distiller, built knowing the requested stages' shapes (a dry run at the real input sizes)."""
-    distiller_cls = get_distiller_class(args.distiller)
-    if mixup is not None and not distiller_cls.supports_mixup:
+def check_mixup(args, mixup):
+    if mixup is not None and not get_distiller_class(args.distiller).supports_mixup:
         raise UserError(f"--distiller {args.distiller} does not support mixup/cutmix; set --mixup 0 --cutmix 0")
-    student_request, teacher_request = distiller_cls.feature_requests(args)
+
+
+def build_distiller_for(args, env, student, teacher_model, sources, data, mixup):
+    """The distiller, built knowing the requested stages' shapes (a dry run at the real input sizes)."""
     student_size = data.config["input_size"]
     teacher_size = (3, args.teacher_img_size, args.teacher_img_size) if args.teacher_img_size else student_size
-    context = DistillerContext(
-        args=args, gt_criterion=ground_truth_criterion(args, mixup), num_classes=args.num_classes,
-        teacher=teacher_model, dataset_size=data.train_size, train_labels=data.train_labels,
-        world_size=env.world_size, student_data_config=data.config,
-        student_stages=probe_stages(student, student_size, student_request.stages),
-        teacher_stages=probe_stages(teacher_model, teacher_size, teacher_request.stages) if teacher_request else {})
-    return build_distiller(args.distiller, student, context)
+    return build_distiller(args, student, input_size=student_size, teacher=teacher_model,
+                           teacher_input_size=teacher_size, sources=sources,
+                           gt_criterion=ground_truth_criterion(args, mixup), dataset_size=data.train_size,
+                           train_labels=data.train_labels, world_size=env.world_size)
 
 
 def build_emas(args, student):
@@ -261,7 +261,10 @@ def build_run(args, checkpoint=None):
     teacher_model = build_teacher_model(args, args.num_classes, input_size(args))
     data = build_data(args, env, student, train_set, val_set, kind)
     mixup = build_mixup(args, args.num_classes)
-    distiller = build_distiller_for(args, env, student, teacher_model, data, mixup)
+    check_mixup(args, mixup)
+    distiller_cls = get_distiller_class(args.distiller)
+    sources = build_extra_sources(args, distiller_cls, data.train_labels, data.config, env.device)
+    distiller = build_distiller_for(args, env, student, teacher_model, sources, data, mixup)
 
     if args.channels_last:
         student.to(memory_format=torch.channels_last)
@@ -289,6 +292,7 @@ def build_run(args, checkpoint=None):
         remove_stale_temporaries(folder)
         save_args_yaml(args, os.path.join(folder, "args.yaml"))
     run = Run(args=args, env=env, data=data, student=student, distiller=distiller, model=model, teacher=teacher,
+              sources=sources,
               optimizer=optimizer, scheduler=scheduler, scaler=scaler, emas=emas, mixup=mixup, autocast=autocast,
               folder=folder, log=make_logger(folder, env.is_main))
     report_startup(run, precision_reason if args.teacher else "", lr_origin)
@@ -320,7 +324,7 @@ def resume(run, checkpoint):
         raise UserError(f"the run in {run.folder!r} already finished its {run.args.epochs} epochs; pass a larger "
                         f"--epochs with --resume to train it further")
     if run.env.is_main:
-        write_summary_csv(run.progress.history, os.path.join(run.folder, "summary.csv"))
+        atomic_write_csv(run.progress.history, os.path.join(run.folder, "summary.csv"))
     at_step = f" after step {run.progress.start_step}" if mid_epoch else ""
     run.log.info(f"Resumed from {run.args.resume}: continuing at epoch {run.progress.start_epoch}{at_step}")
     if not rng_restored:

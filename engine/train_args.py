@@ -3,21 +3,13 @@ import argparse
 
 from timm.utils import ParseKwargs
 
+from distillers import add_distiller_arguments
+from kdcore.precision import AMP_DTYPES, TEACHER_PRECISIONS, default_device
+from kdcore.sources import add_input_spec_arguments
+
 from .datasets import DATASET_KINDS
-from .precision import AMP_DTYPES, TEACHER_PRECISIONS, default_device  # noqa: F401 (default_device re-exported)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-
-
-def add_input_spec_arguments(group, prefix, whose):
-    """PREFIX-mean, PREFIX-std, PREFIX-img-size: the input a frozen source was trained with (engine.teacher's
-    InputSpec), each defaulting to the student's."""
-    group.add_argument(f"{prefix}-mean", type=float, nargs=3, default=None, metavar="M",
-                       help=f"input mean {whose} was trained with (default: the student's)")
-    group.add_argument(f"{prefix}-std", type=float, nargs=3, default=None, metavar="S",
-                       help=f"input std {whose} was trained with (default: the student's)")
-    group.add_argument(f"{prefix}-img-size", type=int, default=None,
-                       help=f"input size of {whose}; batches are resized to it (default: the student's)")
 
 
 def add_data_arguments(p):
@@ -80,12 +72,7 @@ def build_train_parser(distiller_registry):
     add_input_spec_arguments(g, "--teacher", "the teacher")
     g.add_argument("--no-eval-teacher", action="store_true", help="skip scoring the teacher before training")
 
-    g = p.add_argument_group("distillation")
-    g.add_argument("--distiller", default="vanilla", choices=sorted(distiller_registry))
-    g.add_argument("--gt-loss-weight", type=float, default=1.0, help="weight of the ground-truth loss")
-    g.add_argument("--kd-loss-weight", type=float, default=1.0, help="weight of the distillation loss")
-    for distiller_cls in distiller_registry.values():
-        distiller_cls.add_arguments(p)
+    add_distiller_arguments(p, distiller_registry)
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--opt", default="sgd")

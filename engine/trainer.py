@@ -3,7 +3,8 @@ import os
 import time
 
 from .batchnorm import sync_batchnorm_stats
-from .checkpoint import atomic_copy, atomic_save, gather_rng_states, training_state, write_summary_csv
+from .checkpoint import gather_rng_states, training_state
+from kdcore.io import atomic_copy, atomic_save, atomic_write_csv
 from .loop import current_lr, evaluate, format_seconds, train_one_epoch
 from .run import ema_prefixes
 
@@ -45,7 +46,7 @@ def save_epoch(run, epoch, is_best):
     folder = run.folder
     atomic_save(training_state(run, epoch, rng_states), os.path.join(folder, "last.pth.tar"))
     atomic_save(run.student.state_dict(), os.path.join(folder, "student_last.pth"))
-    write_summary_csv(run.progress.history, os.path.join(folder, "summary.csv"))
+    atomic_write_csv(run.progress.history, os.path.join(folder, "summary.csv"))
     if is_best:
         atomic_copy(os.path.join(folder, "last.pth.tar"), os.path.join(folder, "best.pth.tar"))
         atomic_copy(os.path.join(folder, "student_last.pth"), os.path.join(folder, "student_best.pth"))

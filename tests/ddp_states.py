@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distillers import DISTILLERS  # noqa: E402
 from engine.config import parse_args_with_config  # noqa: E402
-from engine.distributed import shutdown_distributed  # noqa: E402
+from kdcore.distributed import shutdown_distributed  # noqa: E402
 from engine.run import build_run  # noqa: E402
 from engine.train_args import build_train_parser  # noqa: E402
 from engine.trainer import train  # noqa: E402

@@ -2,6 +2,7 @@
 open_clip model's zero-shot logits equal a direct computation with all 12 templates, an interrupted build resumes
 to the same files, a cache of another dataset is refused, and cached rows are read memory-mapped by index."""
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ import torch
 import tools.build_cache as build_cache_tool
 from engine.cache import CacheWriter, SourceCache, dataset_identity, mix_like_images
 from engine.datasets import dataset_labels, make_synthetic
-from engine.errors import UserError
+from kdcore.errors import UserError
 from engine.loader import build_eval_transform, resolve_data_settings
-from engine.models import create_model, load_weights
+from engine.models import create_model
+from engine.weights import load_weights
 
 N, BATCH = 40, 8
 PAPER_TEMPLATES = [  # the RichKD paper's 12 prompts, written out independently of the tool
@@ -96,8 +98,8 @@ def test_interrupted_build_resumes_and_ends_with_the_same_files(tmp_path, monkey
             calls.append(1)
             if len(calls) == 3:
                 raise KeyboardInterrupt
-            return source(images)
-        return (run, *rest)
+            return source.of_images(images)
+        return (types.SimpleNamespace(of_images=run), *rest)
 
     target = tmp_path / "resumed"
     monkeypatch.setattr(build_cache_tool, "build_source", interrupted_on_third_batch)

@@ -17,16 +17,15 @@ from timm.layers import resample_abs_pos_embed
 
 import validate
 from conftest import SMALL_RUN, run_main
-from distillers import DISTILLERS, DistillerContext, build_distiller
-from engine.batch import Batch
+from distillers import DISTILLERS, build_distiller
+from kdcore.batch import Batch
 from engine.config import parse_args_with_config
-from engine.errors import UserError
-from engine.features import FeatureRequest, extract_features
+from kdcore.errors import UserError
+from kdcore.features import FeatureRequest, extract_features
 from engine.loop import train_step
 from engine.models import create_model
 from engine.run import build_student, ground_truth_criterion
-from engine.stages import probe_stages
-from engine.teacher import FrozenSource, build_teacher_model
+from engine.sources import FrozenSource, build_teacher_model
 from engine.train_args import build_train_parser
 from timm.optim import create_optimizer_v2
 
@@ -131,13 +130,10 @@ def distilled_deit():
 def train_two_steps(distiller_name, student, teacher_model):
     """Two SGD steps of `student` distilled from `teacher_model` at 32 px; returns the weights it started with."""
     args = parse("--distiller", distiller_name, "--teacher", SOURCE, "--smoothing", "0", "-b", "4")
-    request, teacher_request = DISTILLERS[distiller_name].feature_requests(args)
-    context = DistillerContext(
-        args=args, gt_criterion=ground_truth_criterion(args, None), num_classes=CLASSES, teacher=teacher_model,
-        student_stages=probe_stages(student, IMG, request.stages),
-        teacher_stages=probe_stages(teacher_model, IMG, teacher_request.stages), dataset_size=8,
-        train_labels=torch.arange(8) % CLASSES, student_data_config={"input_size": (3, IMG, IMG)})
-    distiller = build_distiller(distiller_name, student, context).train()
+    args.num_classes = CLASSES
+    distiller = build_distiller(args, student, input_size=IMG, teacher=teacher_model,
+                                gt_criterion=ground_truth_criterion(args, None), dataset_size=8,
+                                train_labels=torch.arange(8) % CLASSES).train()
     teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu")
     optimizer = create_optimizer_v2(distiller, opt="sgd", lr=0.1, momentum=0.9)
     before = {k: v.clone() for k, v in student.state_dict().items()}

@@ -6,9 +6,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from engine.datasets import CIFAR100_MEAN, CIFAR100_STD
-from engine.features import FeatureRequest, extract_features
-from engine.models import count_parameters, create_model, embedding_dim
+from kdcore.dataset_stats import CIFAR100_MEAN, CIFAR100_STD
+from kdcore.features import FeatureRequest, extract_features
+from engine.models import count_parameters, create_model
+from kdcore.features import embedding_dim
 
 WIDTHS = (32, 64, 128, 256)
 
@@ -87,7 +88,7 @@ def test_state_dict_uses_mdistiller_key_names():
 
 def test_paper_stages_are_the_stem_and_the_three_stages():
     """The stage table maps paper stages 1-4 of the CIFAR ResNets to stem, layer1, layer2, layer3."""
-    from engine.stages import probe_stages
+    from kdcore.stages import probe_stages
     model = timm.create_model("cifar_resnet8x4", num_classes=100)
     shapes = {s: info.shape for s, info in probe_stages(model, 32, (1, 2, 3, 4)).items()}
     assert shapes == {1: (32, 32, 32), 2: (64, 32, 32), 3: (128, 16, 16), 4: (256, 8, 8)}

@@ -1,4 +1,4 @@
-"""Minibatch linear CKA (engine/cka.py) against independent formulas, its invariances, and tools/cka.py."""
+"""Minibatch linear CKA (tools/cka_metric.py) against independent formulas, its invariances, and tools/cka.py."""
 import itertools
 import json
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cka import MinibatchCKA, hsic_unbiased, linear_gram
+from tools.cka_metric import MinibatchCKA, hsic_unbiased, linear_gram
 from tools.cka import main as cka_main
 
 

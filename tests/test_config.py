@@ -3,7 +3,7 @@ import yaml
 
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
-from engine.errors import UserError
+from kdcore.errors import UserError
 from engine.train_args import build_train_parser
 
 PAPER_CONFIGS = {

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillers import DISTILLERS, DistillerContext, build_distiller
-from distillers.crd import class_blocks, crd_loss, draw_negatives, momentum_update, negatives_generator
-from engine.batch import Batch
+from distillers import DISTILLERS, build_distiller
+from distillers.contrastive import class_blocks, crd_loss, draw_negatives, momentum_update, negatives_generator
+from kdcore.batch import Batch
 from engine.config import parse_args_with_config
-from engine.errors import UserError
-from engine.features import Features
+from kdcore.errors import UserError
+from kdcore.features import Features
 from engine.train_args import build_train_parser
 
 D_S, D_T, K, N_DATA, N_CLASSES = 12, 20, 40, 30, 3
@@ -112,11 +112,9 @@ def make_args(*flags):
 
 def make_crd(labels=LABELS, args=None, world_size=1):
     torch.manual_seed(0)
-    context = DistillerContext(args=args or make_args(), gt_criterion=nn.CrossEntropyLoss(), num_classes=N_CLASSES,
-                               teacher=Stub(D_T), dataset_size=N_DATA if labels is None else len(labels),
-                               train_labels=labels,
-                               world_size=world_size)
-    return build_distiller("crd", Stub(D_S), context)
+    return build_distiller(args or make_args(), Stub(D_S), teacher=Stub(D_T),
+                           dataset_size=N_DATA if labels is None else len(labels), train_labels=labels,
+                           world_size=world_size)
 
 
 def global_batch(step, size=8):
@@ -132,39 +130,37 @@ def crd_step(crd, index, emb_s, emb_t):
 
 def test_z_is_estimated_from_the_first_batch_then_frozen():
     crd = make_crd(args=make_args("--kd-loss-weight", "0.8"))
-    bank_s, bank_t = crd.memory_student.double(), crd.memory_teacher.double()
+    bank_s, bank_t = crd.contrast.memory_student.double(), crd.contrast.memory_teacher.double()
     index, emb_s, emb_t = global_batch(0)
     loss = crd_step(crd, index, emb_s, emb_t)
     # Independently: the anchors, the contrast rows gathered from the banks as they were, the reference's Z.
-    f_s = F.normalize(emb_s.double() @ crd.embed_s.linear.weight.double().t() + crd.embed_s.linear.bias.double())
-    f_t = F.normalize(emb_t.double() @ crd.embed_t.linear.weight.double().t() + crd.embed_t.linear.bias.double())
+    f_s = F.normalize(emb_s.double() @ crd.contrast.embed_s.linear.weight.double().t() + crd.contrast.embed_s.linear.bias.double())
+    f_t = F.normalize(emb_t.double() @ crd.contrast.embed_t.linear.weight.double().t() + crd.contrast.embed_t.linear.bias.double())
     negatives = draw_negatives(LABELS[index], K, *class_blocks(LABELS), negatives_generator(42, 0, "cpu"))
     contrast = torch.cat([index[:, None], negatives], dim=1)
     s_scores = torch.einsum("bkd,bd->bk", bank_t[contrast], f_s)
     t_scores = torch.einsum("bkd,bd->bk", bank_s[contrast], f_t)
     z = torch.stack([torch.exp(s / 0.07).mean() * N_DATA for s in (s_scores, t_scores)])
-    assert torch.allclose(crd.z.double(), z, rtol=1e-5)
+    assert torch.allclose(crd.contrast.z.double(), z, rtol=1e-5)
     expected = 0.8 * (reference_nce(s_scores, z[0], N_DATA, 0.07) + reference_nce(t_scores, z[1], N_DATA, 0.07))
     assert torch.allclose(loss.double(), expected, rtol=1e-5)
-    frozen = crd.z.clone()
+    frozen = crd.contrast.z.clone()
     crd_step(crd, *global_batch(1))
-    assert torch.equal(crd.z, frozen) and int(crd.step) == 2
+    assert torch.equal(crd.contrast.z, frozen) and int(crd.contrast.step) == 2
 
 
 def test_banks_start_uniform_in_plus_minus_stdv():
     crd = make_crd(labels=torch.arange(20000) % 4)
     stdv = 1 / math.sqrt(8 / 3)
-    for bank in (crd.memory_student, crd.memory_teacher):
+    for bank in (crd.contrast.memory_student, crd.contrast.memory_teacher):
         assert bank.shape == (20000, 8) and bank.abs().max() <= stdv
         assert abs(bank.mean().item()) < 0.01 and abs(bank.var().item() - stdv ** 2 / 3) < 0.01
-    assert not torch.equal(crd.memory_student, crd.memory_teacher)
+    assert not torch.equal(crd.contrast.memory_student, crd.contrast.memory_teacher)
 
 
 def test_extra_parameters_are_the_two_heads():
     args = make_args("--crd-feat-dim", "128")
-    context = DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=N_CLASSES,
-                               teacher=Stub(768), dataset_size=N_DATA, train_labels=LABELS)
-    crd = build_distiller("crd", Stub(512), context)
+    crd = build_distiller(args, Stub(512), teacher=Stub(768), dataset_size=N_DATA, train_labels=LABELS)
     assert crd.extra_parameter_count() == (512 + 1) * 128 + (768 + 1) * 128 == 164_096
 
 
@@ -172,14 +168,14 @@ def test_banks_z_and_step_are_checkpointed_with_the_distiller_and_resume_exactly
     crd = make_crd()
     crd_step(crd, *global_batch(0))
     state = crd.extra_state_dict()
-    assert {"memory_student", "memory_teacher", "z", "step"} <= set(state)
+    assert {"contrast.memory_student", "contrast.memory_teacher", "contrast.z", "contrast.step"} <= set(state)
     assert not {"sample_class", "by_class", "class_start", "class_count"} & set(state)  # derived, not saved
     assert not any("memory" in k for k in crd.student.state_dict())
     resumed = make_crd()
     resumed.load_extra_state_dict(state)
     batch = global_batch(1)
     assert torch.equal(crd_step(resumed, *batch), crd_step(crd, *batch))
-    assert torch.equal(resumed.memory_student, crd.memory_student) and torch.equal(resumed.z, crd.z)
+    assert torch.equal(resumed.contrast.memory_student, crd.contrast.memory_student) and torch.equal(resumed.contrast.z, crd.contrast.z)
 
 
 def test_refuses_a_single_class_dataset_and_missing_labels():
@@ -198,8 +194,9 @@ def _steps(crd, rank, world_size):
         loss = crd_step(crd, index[rows], emb_s[rows], emb_t[rows])
         losses.append(loss.detach())
         grads.append([g.detach() for g in torch.autograd.grad(loss, list(crd.extra_parameters()))])
-    state = {k: v.clone() for k, v in crd.extra_state_dict().items() if k in ("memory_student", "memory_teacher",
-                                                                               "z", "step")}
+    state = {k: v.clone() for k, v in crd.extra_state_dict().items() if k in ("contrast.memory_student",
+                                                                               "contrast.memory_teacher", "contrast.z",
+                                                                               "contrast.step")}
     return {"losses": losses, "grads": grads, "state": state}
 
 
@@ -238,14 +235,15 @@ def test_crd_on_fashion_mnist(tmp_path, fashion_mnist):
         "--output", str(tmp_path), "--experiment", "crd"])
     run = build_run(args)
     crd = run.distiller
-    assert crd.memory_student.shape == crd.memory_teacher.shape == (60000, 128)
-    start = crd.memory_student.clone()
+    assert crd.contrast.memory_student.shape == crd.contrast.memory_teacher.shape == (60000, 128)
+    start = crd.contrast.memory_student.clone()
     loader = iter(run.data.train_loader)
     run.model.train()
     for _ in range(3):
         images, labels, index = next(loader)
         batch = make_batch(images, labels, index, run.env.device)
-        loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast)
+        loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast,
+                                  sources=run.sources)
         assert torch.isfinite(loss) and losses["crd"] > 0
-        assert not torch.equal(crd.memory_student[batch.index], start[batch.index])
-    assert int(crd.step) == 3
+        assert not torch.equal(crd.contrast.memory_student[batch.index], start[batch.index])
+    assert int(crd.contrast.step) == 3

@@ -6,7 +6,7 @@ from PIL import Image
 
 from cifar_format import write_cifar100
 from engine.datasets import build_dataset, infer_dataset_kind, make_synthetic
-from engine.errors import UserError
+from kdcore.errors import UserError
 from test_fashion_mnist import write_fake_fashion_mnist
 
 ARGS = SimpleNamespace(dataset_download=False, synthetic_train_size=40, synthetic_val_size=20, num_classes=None,

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import custom_model  # noqa: F401
-from engine.features import FeatureRequest, extract_features
+from kdcore.features import FeatureRequest, extract_features
 
 
 @pytest.mark.parametrize("name,params,embed,stages", [

@@ -15,9 +15,9 @@ from torch import nn
 from distillers import DISTILLERS, Distiller, register_distiller
 from engine.config import parse_args_with_config
 from engine.datasets import ArrayImageDataset
-from engine.features import FeatureRequest
+from kdcore.features import FeatureRequest
 from engine.loop import make_batch, train_step
-from engine.models import embedding_dim
+from kdcore.features import embedding_dim
 from engine.train_args import build_train_parser
 
 STAGES = (2, 4)
@@ -49,7 +49,7 @@ class InterfaceProbe(Distiller):
     def __init__(self, student, context):
         super().__init__(student, context)
         self.context = context
-        self.projector = nn.Linear(embedding_dim(student), embedding_dim(context.teacher))
+        self.projector = nn.Linear(context.student.embedding_width, context.teacher.embedding_width)
         self.seen = []
 
     def distill_losses(self, student_feats, teacher_feats, batch):
@@ -131,7 +131,9 @@ def test_probe_distiller_trains_two_steps(tmp_path, monkeypatch, saved_weights, 
         assert isinstance(distiller, InterfaceProbe)
         context = distiller.context
         assert (context.num_classes, context.dataset_size, context.world_size) == (N_CLASSES, N_IMAGES, 1)
-        assert set(context.student_stages) == set(context.teacher_stages) == set(STAGES)
+        assert set(context.student.stages) == set(context.teacher.stages) == set(STAGES)
+        assert (context.student.embedding_width, context.teacher.embedding_width) == (
+            embedding_dim(run.student), embedding_dim(run.teacher.model))
         counters = CallCounter(run.student), CallCounter(run.teacher.model)
         before = {k: v.clone() for k, v in run.student.state_dict().items()}
         run.model.train()
@@ -140,7 +142,8 @@ def test_probe_distiller_trains_two_steps(tmp_path, monkeypatch, saved_weights, 
             images, labels, index = next(loader)
             batch = make_batch(images, labels, index, run.env.device, run.mixup)
             expected = expected_stages(run, batch.images, counters, context)  # before the step moves the weights
-            loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast)
+            loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast,
+                                      sources=run.sources)
             assert [c.calls for c in counters] == [step + 1, step + 1], "each model runs once per step"
             assert torch.isfinite(loss) and losses["probe"] > 0
             assert distiller.projector.weight.grad is not None and distiller.projector.weight.grad.abs().sum() > 0
@@ -179,8 +182,8 @@ def expected_stages(run, images, counters, context):
         counter.paused = True
     try:
         with torch.no_grad():
-            return (independent_stages(run.student, images, context.student_stages),
-                    independent_stages(run.teacher.model, images, context.teacher_stages))
+            return (independent_stages(run.student, images, context.student.stages),
+                    independent_stages(run.teacher.model, images, context.teacher.stages))
     finally:
         for counter in counters:
             counter.paused = False
@@ -188,7 +191,7 @@ def expected_stages(run, images, counters, context):
 
 def test_request_merge_and_mixup_refusal(tmp_path, monkeypatch):
     """A distiller that declares no mixup support refuses mixup at start-up with a clear error."""
-    from engine.errors import UserError
+    from kdcore.errors import UserError
     import engine.run
 
     @register_distiller("interface_no_mixup")

@@ -17,16 +17,15 @@ import functools
 import pytest
 import torch
 
-from distillers import DISTILLERS, DistillerContext, build_distiller
+from distillers import DISTILLERS, build_distiller
 from engine.config import parse_args_with_config
 from engine.loader import build_mixup
-from engine.batch import Batch
+from kdcore.batch import Batch
 from engine.loop import train_step
 from engine.models import create_model
-from engine.precision import autocast_factory
+from kdcore.precision import autocast_factory
 from engine.run import ground_truth_criterion
-from engine.stages import probe_stages
-from engine.teacher import FrozenSource
+from engine.sources import FrozenSource, build_extra_sources
 from engine.train_args import build_train_parser
 from timm.optim import create_optimizer_v2
 
@@ -106,15 +105,13 @@ def run_two_steps(name, student_name, teacher_name, mixup, bf16, flags=()):
     args = parse_args_with_config(build_train_parser(DISTILLERS), argv)
     args.num_classes = CLASSES
     student, teacher_model = copy.deepcopy(_model(student_name)), _model(teacher_name)
-    student_request, teacher_request = DISTILLERS[name].feature_requests(args)
     mix = build_mixup(args, CLASSES)
-    context = DistillerContext(
-        args=args, gt_criterion=ground_truth_criterion(args, mix), num_classes=CLASSES, teacher=teacher_model,
-        student_stages=probe_stages(student, (3, IMG, IMG), student_request.stages),
-        teacher_stages=probe_stages(teacher_model, (3, IMG, IMG), teacher_request.stages),
-        dataset_size=4 * BATCH, train_labels=torch.arange(4 * BATCH) % CLASSES, world_size=1,
-        student_data_config={"mean": (0.5,) * 3, "std": (0.25,) * 3, "input_size": (3, IMG, IMG)})
-    distiller = build_distiller(name, student, context).train()
+    labels = torch.arange(4 * BATCH) % CLASSES
+    data_config = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "input_size": (3, IMG, IMG)}
+    sources = build_extra_sources(args, DISTILLERS[name], labels, data_config, "cpu")
+    distiller = build_distiller(args, student, input_size=(3, IMG, IMG), teacher=teacher_model, sources=sources,
+                                gt_criterion=ground_truth_criterion(args, mix), dataset_size=4 * BATCH,
+                                train_labels=labels).train()
     teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu", "bf16" if bf16 else "fp32")
     optimizer = create_optimizer_v2(distiller, opt="sgd", lr=0.01, momentum=0.9)
     autocast = autocast_factory(torch.device("cpu"), torch.bfloat16 if bf16 else None)
@@ -129,7 +126,7 @@ def run_two_steps(name, student_name, teacher_name, mixup, bf16, flags=()):
             images, targets, labels, lam = mix(images, labels)
         batch = Batch(images=images, targets=targets, labels=labels, index=index, lam=lam)
         with computed_dtypes(student) as student_dtypes, computed_dtypes(teacher_model) as teacher_dtypes:
-            loss, losses = train_step(distiller, teacher, optimizer, batch, autocast=autocast)
+            loss, losses = train_step(distiller, teacher, optimizer, batch, autocast=autocast, sources=sources)
         assert student_dtypes == {expected}, f"{name}: the student computed in {student_dtypes}, not {expected}"
         assert teacher_dtypes == {expected}, f"{name}: the teacher computed in {teacher_dtypes}, not {expected}"
         assert torch.isfinite(loss), (name, losses)

@@ -4,8 +4,8 @@ student export."""
 import torch
 from torch import nn
 
-from distillers import Distiller, DistillerContext
-from engine.distributed import DistEnv
+from distillers import Distiller, build_distiller
+from kdcore.distributed import DistEnv
 from engine.run import wrap_for_training
 
 
@@ -29,8 +29,8 @@ class BankDistiller(Distiller):
 
 
 def build():
-    args = type("Args", (), {"gt_loss_weight": 1.0})()
-    return BankDistiller(TinyStudent(), DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=2))
+    args = type("Args", (), {"gt_loss_weight": 1.0, "seed": 0})()
+    return build_distiller(args, TinyStudent(), num_classes=2, distiller_cls=BankDistiller)
 
 
 def _rank(rank, world_size):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.datasets import read_fashion_mnist, read_idx_gz
-from engine.errors import UserError
+from kdcore.errors import UserError
 
 
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from distillers import DISTILLERS, DistillerContext, build_distiller
+from distillers import DISTILLERS, build_distiller
 from distillers.correlation import correlation_loss
 from distillers.fitnet import as_map, fitnet_loss
 from distillers.rkd import rkd_loss
 from engine.config import parse_args_with_config
-from engine.errors import UserError
-from engine.features import Features, extract_features
+from kdcore.errors import UserError
+from kdcore.features import Features, extract_features
 from engine.models import create_model
-from engine.stages import StageInfo, probe_stages
+from kdcore.stages import StageInfo
 from engine.train_args import build_train_parser
 
 
@@ -88,11 +88,7 @@ def tiny_model(name, img_size=32):
 
 def build(name, student, teacher, *argv, input_size=(3, 32, 32)):
     args = parse("--distiller", name, *argv)
-    s_req, t_req = DISTILLERS[name].feature_requests(args)
-    context = DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=10, teacher=teacher,
-                               student_stages=probe_stages(student, input_size, s_req.stages),
-                               teacher_stages=probe_stages(teacher, input_size, t_req.stages))
-    return build_distiller(name, student, context)
+    return build_distiller(args, student, input_size=input_size, teacher=teacher, num_classes=10)
 
 
 @pytest.mark.parametrize("student_name,teacher_name", [
@@ -254,9 +250,8 @@ def losses_and_grads(name, rank, world):
     s_all, t_all = torch.randn(GLOBAL_BATCH, D_S), torch.randn(GLOBAL_BATCH, D_T)
     args = argparse.Namespace(gt_loss_weight=1.0, kd_loss_weight=1.0, correlation_scale=0.02,
                               correlation_feat_dim=8, rkd_distance_weight=25.0, rkd_angle_weight=50.0,
-                              rkd_eps=1e-12, rkd_squared=False)
-    context = DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=10, teacher=Widths(D_T))
-    distiller = build_distiller(name, Widths(D_S), context)
+                              rkd_eps=1e-12, rkd_squared=False, distiller=name, seed=0)
+    distiller = build_distiller(args, Widths(D_S), teacher=Widths(D_T), num_classes=10)
     part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     s = s_all[part].clone().requires_grad_(True)
     loss = sum(distiller.distill_losses(Features(embedding=s), Features(embedding=t_all[part]), None).values())

@@ -13,7 +13,7 @@ from conftest import run_cli
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
 from engine.datasets import make_synthetic
-from engine.features import FeatureRequest, extract_features
+from kdcore.features import FeatureRequest, extract_features
 from engine.run import build_run
 from engine.train_args import build_train_parser
 from tools import fidelity_study as study

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import UserError
-from engine.features import FeatureRequest, extract_features
+from kdcore.errors import UserError
+from kdcore.features import FeatureRequest, extract_features
 from engine.models import create_model
-from engine.precision import autocast_context, resolve_teacher_precision
-from engine.teacher import FrozenSource, InputSpec, build_frozen_teacher
+from kdcore.precision import autocast_context, resolve_teacher_precision
+from engine.sources import FrozenSource, build_frozen_teacher
+from kdcore.sources import InputSpec
 
 CPU = torch.device("cpu")
 LOGITS = FeatureRequest()
@@ -51,7 +52,7 @@ def test_equal_specs_pass_the_batch_through_untouched():
     assert source.remap(x) is x
     with torch.no_grad():
         expected = extract_features(model, x, LOGITS).logits
-    torch.testing.assert_close(source(x).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(source.of_images(x).logits, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("teacher_size", [64, 16])
@@ -77,7 +78,7 @@ def test_predict_scores_the_remapped_batch():
         expected = model(teacher_view)
     assert logits.dtype == torch.float32 and logits.shape == (2, 10)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(source(normalised(raw, STUDENT).float()).logits, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(source.of_images(normalised(raw, STUDENT).float()).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_build_frozen_teacher_reads_the_teacher_flags():
@@ -162,5 +163,5 @@ def test_frozen_for_good():
     assert student.training
     assert all(not m.training for m in teacher_model.modules())
     assert all(not p.requires_grad for p in teacher_model.parameters())
-    features = source(torch.zeros(2, 3, 32, 32))
+    features = source.of_images(torch.zeros(2, 3, 32, 32))
     assert not features.logits.requires_grad and not torch.is_inference(features.logits)

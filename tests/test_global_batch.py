@@ -9,14 +9,13 @@ import contextlib
 import pytest
 import torch
 
-from distillers import DISTILLERS, DistillerContext, build_distiller
-from engine.batch import Batch
-from engine.distributed import DistEnv
+from distillers import DISTILLERS, build_distiller
+from kdcore.batch import Batch
+from kdcore.distributed import DistEnv
 from engine.loop import train_step
 from engine.models import create_model
 from engine.run import wrap_for_training
-from engine.stages import probe_stages
-from engine.teacher import FrozenSource
+from engine.sources import FrozenSource
 from engine.train_args import build_train_parser
 
 CLASSES, IMG, GLOBAL_BATCH, STEPS, DATASET = 5, 32, 8, 2, 40
@@ -37,13 +36,9 @@ def train(name, rank=0, world_size=1):
     torch.manual_seed(0)
     student = create_model("deit_tiny_patch16_224", num_classes=CLASSES, img_size=IMG)
     teacher_model = create_model("resnet18", num_classes=CLASSES, img_size=IMG)
-    requests = DISTILLERS[name].feature_requests(args)
-    context = DistillerContext(
-        args=args, gt_criterion=torch.nn.CrossEntropyLoss(), num_classes=CLASSES, teacher=teacher_model,
-        student_stages=probe_stages(student, IMG, requests[0].stages),
-        teacher_stages=probe_stages(teacher_model, IMG, requests[1].stages), dataset_size=DATASET,
-        train_labels=torch.arange(DATASET) % CLASSES, world_size=world_size)
-    distiller = build_distiller(name, student, context).train()
+    distiller = build_distiller(args, student, input_size=IMG, teacher=teacher_model, num_classes=CLASSES,
+                                dataset_size=DATASET, train_labels=torch.arange(DATASET) % CLASSES,
+                                world_size=world_size).train()
     model = wrap_for_training(distiller, DistEnv(rank=rank, world_size=world_size))
     teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu", "fp32")
     optimizer = torch.optim.SGD(distiller.parameters(), lr=0.05)

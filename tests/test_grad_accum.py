@@ -4,8 +4,8 @@ import torch
 
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
-from engine.distributed import DistEnv
-from engine.errors import UserError
+from kdcore.distributed import DistEnv
+from kdcore.errors import UserError
 from engine.loop import accumulation_groups, updates_per_epoch
 from engine.run import build_run, check_arguments
 from engine.train_args import build_train_parser

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from distillers import DISTILLERS, DistillerContext, build_distiller
+from distillers import DISTILLERS, build_distiller
 from distillers.dist import dist_loss
 from distillers.dkd import dkd_loss
 from distillers.kd import kd_loss
 from engine.config import parse_args_with_config
-from engine.features import Features
+from kdcore.features import Features
 from engine.loader import build_mixup
 from engine.loop import make_batch
 from engine.train_args import build_train_parser
@@ -33,8 +33,7 @@ def parse(*argv):
 
 def build(name, *argv):
     args = parse("--distiller", name, *argv)
-    context = DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=CLASSES)
-    return build_distiller(name, nn.Identity(), context)
+    return build_distiller(args, nn.Identity(), num_classes=CLASSES)
 
 
 def kl(p, q):

@@ -3,10 +3,11 @@ import pytest
 import timm
 import torch
 
-from distillers.base import DistillerContext
+from distillers import build_distiller
 from distillers.rsd import RSD
-from engine.features import FeatureRequest, extract_features
-from engine.models import create_model, embedding_dim
+from kdcore.features import FeatureRequest, extract_features
+from engine.models import create_model
+from kdcore.features import embedding_dim
 
 FAMILIES = ["resnet18", "mobilenetv2_100", "deit_tiny_patch16_224", "swin_pico_patch4_window7_224",
             "convnext_atto", "mixer_s32_224", "resmlp_12_224"]
@@ -57,13 +58,13 @@ def test_rsd_extra_parameters_match_figure_3(student, teacher, gamma, expected):
     from distillers import DISTILLERS
     from engine.train_args import build_train_parser
     args = build_train_parser(DISTILLERS).parse_args(["--distiller", "rsd", "--rsd-gamma", str(gamma)])
-    context = DistillerContext(args=args, gt_criterion=torch.nn.CrossEntropyLoss(), num_classes=100,
-                               teacher=timm.create_model(teacher, num_classes=100))
-    distiller = RSD(timm.create_model(student, num_classes=100), context)
+    distiller = build_distiller(args, timm.create_model(student, num_classes=100),
+                                teacher=timm.create_model(teacher, num_classes=100), num_classes=100)
+    assert isinstance(distiller, RSD)
     assert distiller.extra_parameter_count() == expected
 
 
 def test_unknown_model_is_a_user_error():
-    from engine.errors import UserError
+    from kdcore.errors import UserError
     with pytest.raises(UserError, match="unknown model 'resnet_18'"):
         create_model("resnet_18", num_classes=10)

@@ -5,15 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillers import DISTILLERS, DistillerContext, build_distiller
+from distillers import DISTILLERS, build_distiller
 from distillers.branches import SepConv, TokenBranch
 from distillers.ofa import ofa_loss, stage_eps
-from engine.batch import Batch
+from kdcore.batch import Batch
 from engine.config import parse_args_with_config
-from engine.errors import UserError
-from engine.features import Features, extract_features
+from kdcore.errors import UserError
+from kdcore.features import Features, extract_features
 from engine.models import create_model
-from engine.stages import StageInfo, probe_stages
+from kdcore.stages import StageInfo, probe_stages
 from engine.train_args import build_train_parser
 
 
@@ -95,10 +95,7 @@ def test_eps_broadcast_and_count():
 def build(name, student, teacher, img_size, num_classes, *argv):
     args = parse_args_with_config(build_train_parser(DISTILLERS), ["--distiller", name, *argv])
     args.num_classes = num_classes
-    request = DISTILLERS[name].feature_requests(args)[0]
-    context = DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=num_classes,
-                               teacher=teacher, student_stages=probe_stages(student, img_size, request.stages))
-    return build_distiller(name, student, context)
+    return build_distiller(args, student, input_size=img_size, teacher=teacher)
 
 
 def test_wrong_eps_count_is_a_user_error():

@@ -6,9 +6,8 @@ import torch
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
-from distillers import DISTILLERS
-from distillers.base import Distiller, DistillerContext
-from engine.errors import UserError
+from distillers import DISTILLERS, Distiller, build_distiller
+from kdcore.errors import UserError
 from engine.optim import build_optimizer
 from engine.train_args import build_train_parser
 
@@ -19,8 +18,8 @@ LR, WD = 1e-3, 0.05
 class WithProjector(Distiller):
     """A distiller owning one extra module, as RSD owns its AAD: Linear (with bias) + BatchNorm1d."""
 
-    def __init__(self, student, args):
-        super().__init__(student, DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=10))
+    def __init__(self, student, context):
+        super().__init__(student, context)
         self.projector = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16))
 
 
@@ -32,7 +31,7 @@ def _args(*flags):
 def _distiller(args):
     torch.manual_seed(0)
     student = timm.create_model("deit_tiny_patch16_224", img_size=32, num_classes=10, depth=DEPTH)
-    return WithProjector(student, args)
+    return build_distiller(args, student, num_classes=10, distiller_cls=WithProjector)
 
 
 def _group_of(optimizer, param):

@@ -20,7 +20,7 @@ from engine.loader import build_mixup
 from engine.loop import make_batch
 from engine.models import create_model
 from engine.run import build_distiller_for, build_student
-from engine.teacher import FrozenSource
+from engine.sources import FrozenSource
 from engine.train_args import build_train_parser
 from paper_widths import EMBEDDING_WIDTHS
 from tools import overhead
@@ -101,11 +101,12 @@ def test_preset_builds_and_computes_its_loss_at_224(preset):
     mixup = build_mixup(args, args.num_classes)
     data = types.SimpleNamespace(config={"input_size": (3, 224, 224)}, train_size=2,
                                  train_labels=torch.tensor([0, 1]))
-    distiller = build_distiller_for(args, types.SimpleNamespace(world_size=1), student, teacher_model, data, mixup)
+    distiller = build_distiller_for(args, types.SimpleNamespace(world_size=1), student, teacher_model, {}, data,
+                                    mixup)
     distiller.train()
     teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu", "fp32")
     batch = make_batch(torch.randn(2, 3, 224, 224), torch.tensor([3, 7]), torch.tensor([0, 1]), "cpu", mixup)
-    logits, losses = distiller(batch, teacher(batch.images))
+    logits, losses = distiller(batch, teacher(batch))
     assert logits.shape == (2, args.num_classes) and set(losses) == {"ce", "rsd"}
     loss = sum(losses.values())
     assert torch.isfinite(loss) and loss.requires_grad

@@ -37,7 +37,8 @@ def test_one_process_killed_between_recovery_checkpoints_matches_uninterrupted(t
     """CRD: its memory banks, normaliser and step counter (which seeds its negatives) must come back too."""
     folder = resume_from_latest_recovery(1, one_process_killed, tmp_path)
     assert_same_run(1, one_process_reference, folder)
-    assert {"memory_student", "memory_teacher", "z", "step"} <= set(runs.last_state(folder)["distiller_extra"])
+    assert {f"contrast.{n}" for n in ("memory_student", "memory_teacher", "z", "step")} <= set(
+        runs.last_state(folder)["distiller_extra"])
 
 
 @pytest.mark.slow

@@ -22,8 +22,9 @@ def test_one_process_resumed_from_the_epoch_end_matches_uninterrupted(tmp_path, 
     folder = resume_from_epoch_end(1, one_process_killed, tmp_path)
     reference, resumed = runs.last_state(one_process_reference), runs.last_state(folder)
     runs.assert_same_training_state(reference, resumed, 1)
-    assert {"memory_student", "memory_teacher", "z", "step"} <= set(resumed["distiller_extra"])
-    assert int(resumed["distiller_extra"]["step"]) == 3 * runs.STEPS_PER_EPOCH[1]
+    extra = resumed["distiller_extra"]
+    assert {f"contrast.{n}" for n in ("memory_student", "memory_teacher", "z", "step")} <= set(extra)
+    assert int(extra["contrast.step"]) == 3 * runs.STEPS_PER_EPOCH[1]
     summary = (folder / "summary.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in summary[1:]] == ["0", "1", "2"]
     assert (one_process_reference / "summary.csv").read_text().splitlines() == summary

@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillers import DISTILLERS, DistillerContext, build_distiller
-from distillers.crd import class_blocks, draw_negatives, negatives_generator
-from distillers.richkd import fuse, fused_embedding, richkd_loss
-from engine.batch import Batch
+from distillers import DISTILLERS, build_distiller
+from distillers.contrastive import class_blocks, draw_negatives, negatives_generator
+from distillers.richkd import SECOND_SOURCE, fuse, fused_embedding, richkd_loss
+from kdcore.batch import Batch
 from engine.cache import CacheWriter, dataset_identity
 from engine.config import parse_args_with_config
-from engine.errors import UserError
-from engine.features import Features
+from engine.sources import build_extra_sources
+from kdcore.errors import UserError
+from kdcore.features import Features
 from engine.train_args import build_train_parser
 
 D_S, D_T, D_C, K, N_DATA, N_CLASSES, FEAT = 12, 20, 16, 40, 30, 3, 8
@@ -102,11 +103,19 @@ def richkd_args(*flags):
 
 
 def make_richkd(args, labels=LABELS):
+    """(RichKD, its second source), the source built by the engine from the flags, as train.py builds them."""
     torch.manual_seed(0)
-    context = DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=N_CLASSES,
-                               teacher=Stub(D_T), dataset_size=len(labels), train_labels=labels,
-                               student_data_config={"mean": (0.5,) * 3, "std": (0.25,) * 3, "input_size": (3, 32, 32)})
-    return build_distiller("richkd", Stub(D_S), context)
+    data_config = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "input_size": (3, 32, 32)}
+    args.num_classes = N_CLASSES
+    sources = build_extra_sources(args, DISTILLERS["richkd"], labels, data_config, "cpu")
+    richkd = build_distiller(args, Stub(D_S), teacher=Stub(D_T), sources=sources, dataset_size=len(labels),
+                             train_labels=labels)
+    return richkd, sources[SECOND_SOURCE]
+
+
+def step_losses(richkd, source, student, teacher, batch):
+    """The distiller's losses of one step, the source's features computed as the loop computes them."""
+    return richkd.distill_losses(student, teacher, batch, **{SECOND_SOURCE: source(batch)})
 
 
 def fixed_step(index, lam=1.0):
@@ -120,14 +129,15 @@ def fixed_step(index, lam=1.0):
 def test_feature_and_logit_terms_match_an_independent_float64_computation(tmp_path):
     cache = write_cache(tmp_path / "cache")
     rows = {k: torch.from_numpy(np.load(f"{cache}/{k}.npy")).double() for k in ("logits", "embedding")}
-    richkd = make_richkd(richkd_args("--richkd-cache", cache))
+    richkd, source = make_richkd(richkd_args("--richkd-cache", cache))
     index = torch.tensor([4, 9, 17, 28, 0, 3, 22, 11])
     student, teacher, batch = fixed_step(index)
-    bank_s, bank_t = richkd.memory_student.double().clone(), richkd.memory_teacher.double().clone()
-    losses = richkd.distill_losses(student, teacher, batch)
+    bank_s, bank_t = richkd.contrast.memory_student.double().clone(), richkd.contrast.memory_teacher.double().clone()
+    losses = step_losses(richkd, source, student, teacher, batch)
     assert set(losses) == {"richkd_logit", "richkd_feat"}
 
-    heads = {"s": richkd.embed_s.linear, "t": richkd.embed_t.teacher.linear, "c": richkd.embed_t.source.linear}
+    heads = {"s": richkd.contrast.embed_s.linear, "t": richkd.contrast.embed_t.teacher.linear,
+             "c": richkd.contrast.embed_t.source.linear}
     params = {k: (m.weight.detach().double().requires_grad_(True), m.bias.detach().double().requires_grad_(True))
               for k, m in heads.items()}
     f_s = unit(student.embedding.double() @ params["s"][0].t() + params["s"][1])
@@ -146,7 +156,7 @@ def test_feature_and_logit_terms_match_an_independent_float64_computation(tmp_pa
     for a, b in zip(ours, ref):
         assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-6)
     # the teacher bank moves towards the fused embedding (CRD's update, momentum 0.5)
-    assert torch.allclose(richkd.memory_teacher[index].double(), unit(0.5 * bank_t[index] + 0.5 * fused.detach()),
+    assert torch.allclose(richkd.contrast.memory_teacher[index].double(), unit(0.5 * bank_t[index] + 0.5 * fused.detach()),
                           atol=1e-6)
 
     expected_logit = 3.0 * reference_logit_term(student.logits, teacher.logits, rows["logits"][index], 0.7, 3.0)
@@ -160,29 +170,30 @@ def test_feature_and_logit_terms_match_an_independent_float64_computation(tmp_pa
 def test_cached_rows_are_mixed_with_the_images_lambda(tmp_path):
     cache = write_cache(tmp_path / "cache")
     rows = torch.from_numpy(np.load(f"{cache}/logits.npy")).double()
-    richkd = make_richkd(richkd_args("--richkd-cache", cache, "--richkd-mode", "L"))
+    richkd, source = make_richkd(richkd_args("--richkd-cache", cache, "--richkd-mode", "L"))
     index = torch.tensor([5, 1, 8, 2])
     for lam in (0.3, torch.tensor([[0.9], [0.6], [0.6], [0.9]])):
         student, teacher, batch = fixed_step(index, lam)
         weights = [lam] * 4 if isinstance(lam, float) else lam.flatten().tolist()
         mixed = torch.stack([weights[i] * rows[index[i]] + (1 - weights[i]) * rows[index[3 - i]] for i in range(4)])
         expected = 3.0 * reference_logit_term(student.logits, teacher.logits, mixed, 0.7, 3.0)
-        assert torch.allclose(richkd.distill_losses(student, teacher, batch)["richkd_logit"].double(), expected,
+        assert torch.allclose(step_losses(richkd, source, student, teacher, batch)["richkd_logit"].double(), expected,
                               rtol=1e-6)
 
 
 def test_modes_build_what_they_use(tmp_path):
     cache = write_cache(tmp_path / "cache")
-    logit_only = make_richkd(richkd_args("--richkd-cache", cache, "--richkd-mode", "L"))
+    logit_only, source = make_richkd(richkd_args("--richkd-cache", cache, "--richkd-mode", "L"))
     assert logit_only.extra_parameter_count() == 0 and not list(logit_only.buffers())
     assert logit_only.self_synced_buffers() == [] and logit_only.student_request.embedding is False
-    contrastive = make_richkd(richkd_args("--richkd-cache", cache, "--richkd-mode", "F"))
+    contrastive, _ = make_richkd(richkd_args("--richkd-cache", cache, "--richkd-mode", "F"))
     assert contrastive.extra_parameter_count() == (D_S + 1) * FEAT + (D_T + 1) * FEAT + (D_C + 1) * FEAT
-    assert {"memory_student", "memory_teacher", "z", "step"} <= set(contrastive.self_synced_buffers())
+    assert {f"contrast.{name}" for name in ("memory_student", "memory_teacher", "z", "step")} <= set(
+        contrastive.self_synced_buffers())
     assert contrastive.teacher_request.logits is False and contrastive.teacher_request.embedding is True
     student, teacher, batch = fixed_step(torch.arange(6))
-    assert set(contrastive.distill_losses(student, teacher, batch)) == {"richkd_feat"}
-    assert set(logit_only.distill_losses(student, teacher, batch)) == {"richkd_logit"}
+    assert set(step_losses(contrastive, source, student, teacher, batch)) == {"richkd_feat"}
+    assert set(step_losses(logit_only, source, student, teacher, batch)) == {"richkd_logit"}
     defaults = richkd_args()
     assert (defaults.richkd_mode, defaults.richkd_alpha, defaults.richkd_temperature, defaults.richkd_logit_weight,
             defaults.richkd_feat_weight) == ("LF", 0.7, 3.0, 3.0, 0.8)
@@ -209,12 +220,12 @@ def test_start_up_errors_say_what_to_do(tmp_path):
 def test_live_source_sees_the_batch_in_its_own_normalisation_and_size(saved_weights):
     """Student batches (synthetic data: mean 0.5, std 0.25, 32 px) are remapped to the source's 0.4/0.3 at 40 px."""
     weights = saved_weights("resnet18", num_classes=N_CLASSES)
-    richkd = make_richkd(richkd_args(
+    richkd, source = make_richkd(richkd_args(
         "--dataset", "synthetic", "--img-size", "32", "--richkd-source", "resnet18", "--richkd-source-pretrained",
         weights, "--richkd-source-mean", "0.4", "0.4", "0.4", "--richkd-source-std", "0.3", "0.3", "0.3",
         "--richkd-source-img-size", "40", "--richkd-mode", "L", "--teacher-precision", "fp32"))
     images = torch.randn(2, 3, 32, 32)
-    source_model = richkd.second_source.frozen.model
+    source_model = source.model
     assert not any(p.requires_grad for p in source_model.parameters()) and not source_model.training
     expected = F.interpolate((images * 0.25 + 0.5 - 0.4) / 0.3, size=(40, 40), mode="bilinear", align_corners=False)
     with torch.no_grad():
@@ -222,6 +233,6 @@ def test_live_source_sees_the_batch_in_its_own_normalisation_and_size(saved_weig
     _, teacher, batch = fixed_step(torch.arange(2))
     batch.images = images
     richkd.train()
-    assert torch.allclose(richkd.second_source(batch).logits, expected_logits, atol=1e-5)
+    assert torch.allclose(source(batch).logits, expected_logits, atol=1e-5)
     assert not source_model.training, "the distiller's train() does not reach the source"
-    assert "second_source" not in dict(richkd.named_children()) and not any("frozen" in k for k in richkd.state_dict())
+    assert not any(source_model is m for m in richkd.modules()) and not richkd.extra_state_dict()

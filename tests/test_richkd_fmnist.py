@@ -18,7 +18,7 @@ import tools.build_cache as build_cache_tool
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
 from engine.datasets import FASHION_MNIST_FILES, FASHION_MNIST_SYSTEM_DIR, read_idx_gz
-from engine.errors import UserError
+from kdcore.errors import UserError
 from engine.loop import make_batch, train_step
 from engine.models import create_model
 from engine.run import build_run
@@ -98,7 +98,8 @@ def test_every_mode_trains_two_steps(tmp_path, data_dir, checkpoints, cache, stu
         for _ in range(2):
             images, labels, index = next(loader)
             batch = make_batch(images, labels, index, run.env.device, run.mixup)
-            loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast)
+            loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast,
+                                      sources=run.sources)
             assert set(losses) == {"ce"} | {f"richkd_{t}" for t, m in (("logit", "L"), ("feat", "F")) if m in mode}
             assert torch.isfinite(loss) and all(torch.isfinite(v) for v in losses.values())
             for name, p in run.distiller.named_parameters():
@@ -126,9 +127,9 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir,
     assert runs.last_state(tmp_path / "killed")["epoch"] == 0, "the kill must land in epoch 1"
     assert "continuing at epoch 1" in runs.train(1, "--resume", tmp_path / "killed" / "last.pth.tar")
     ref, res = runs.last_state(tmp_path / "reference"), runs.last_state(tmp_path / "killed")
-    assert set(ref["distiller_extra"]) >= {"memory_student", "memory_teacher", "z", "step",
-                                           "embed_t.source.linear.weight"}
-    assert ref["distiller_extra"]["memory_student"].shape[0] == SUBSET
+    assert set(ref["distiller_extra"]) >= {f"contrast.{name}" for name in ("memory_student", "memory_teacher", "z",
+                                                                          "step", "embed_t.source.linear.weight")}
+    assert ref["distiller_extra"]["contrast.memory_student"].shape[0] == SUBSET
     assert (res["epoch"], res["global_step"]) == (ref["epoch"], ref["global_step"]) == (2, 30)
     for key in ("state_dict", "distiller_extra"):
         for name, tensor in ref[key].items():

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
-from distillers import DISTILLERS, DistillerContext, build_distiller
+from distillers import DISTILLERS, build_distiller
 from distillers.rsd import rsd_loss
-from engine.batch import Batch
+from kdcore.batch import Batch
 from engine.config import parse_args_with_config
-from engine.features import Features
-from engine.models import create_model, embedding_dim
-from engine.stages import probe_stages
+from kdcore.features import Features
+from engine.models import create_model
+from kdcore.features import embedding_dim
+from kdcore.stages import probe_stages
 from engine.train_args import build_train_parser
 
 B, CLASSES = 8, 10
@@ -25,10 +25,7 @@ def build(name, student_name, teacher_name, *argv):
     torch.manual_seed(0)
     student, teacher = create_model(student_name, CLASSES, img_size=32), create_model(teacher_name, CLASSES)
     args = parse_args_with_config(build_train_parser(DISTILLERS), ["--distiller", name, *argv])
-    request = DISTILLERS[name].feature_requests(args)[0]
-    context = DistillerContext(args=args, gt_criterion=nn.CrossEntropyLoss(), num_classes=CLASSES, teacher=teacher,
-                               student_stages=probe_stages(student, 32, request.stages))
-    return build_distiller(name, student, context).train()
+    return build_distiller(args, student, input_size=32, teacher=teacher, num_classes=CLASSES).train()
 
 
 def random_features(distiller, seed, teacher_dim=320):

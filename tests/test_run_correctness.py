@@ -29,7 +29,7 @@ def summary_rows(folder):
 
 def test_evaluation_changes_no_buffer_and_keeps_the_mode():
     """Defect 1: evaluation ran the student in train mode, so BatchNorm statistics moved on validation data."""
-    from engine.distributed import DistEnv
+    from kdcore.distributed import DistEnv
     from engine.loop import evaluate
     from engine.models import create_model
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_summary_has_one_row_per_epoch_after_a_crash_between_summary_and_checkpo
 def test_atomic_writes_sync_the_folder(tmp_path, monkeypatch):
     """Defect 9: after the rename the folder entry itself must reach the disk, for the best copies too."""
     import stat
-    from engine import checkpoint
+    from kdcore import io as atomic_io
     synced = []
     real_fsync = os.fsync
 
@@ -141,8 +141,8 @@ def test_atomic_writes_sync_the_folder(tmp_path, monkeypatch):
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    checkpoint.atomic_save({"x": torch.ones(2)}, str(tmp_path / "last.pth.tar"))
+    atomic_io.atomic_save({"x": torch.ones(2)}, str(tmp_path / "last.pth.tar"))
     assert synced == ["file", "dir"]
-    checkpoint.atomic_copy(str(tmp_path / "last.pth.tar"), str(tmp_path / "best.pth.tar"))
+    atomic_io.atomic_copy(str(tmp_path / "last.pth.tar"), str(tmp_path / "best.pth.tar"))
     assert synced == ["file", "dir", "file", "dir"]
     assert torch.equal(torch.load(tmp_path / "best.pth.tar", weights_only=True)["x"], torch.ones(2))

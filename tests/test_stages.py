@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from custom_forward import family_for, scaled_block_indices
-from engine.errors import UserError
-from engine.features import FeatureRequest, Features, extract_features
+from kdcore.errors import UserError
+from kdcore.features import FeatureRequest, Features, extract_features
 from engine.models import create_model
-from engine.stages import StageInfo, probe_stages
+from kdcore.stages import StageInfo, probe_stages
 
 
 def pyramid(width, grid=56):
@@ -170,7 +170,7 @@ class Unlisted(nn.Module):
 
 def test_unlisted_class_needs_a_table_entry_only_for_stages():
     model, x = Unlisted(), torch.randn(2, 3, 8, 8)
-    with pytest.raises(UserError, match=r"Unlisted.*FAMILIES table in custom_forward/__init__\.py"):
+    with pytest.raises(UserError, match=r"Unlisted.*custom_forward\.register_family"):
         extract_features(model, x, FeatureRequest(stages=(1,)))
     with pytest.raises(UserError, match="Unlisted"):
         probe_stages(model, (3, 8, 8), (1,))

@@ -16,8 +16,8 @@ from conftest import SMALL_RUN
 from distillers import DISTILLERS
 from engine.checkpoint import read_training_checkpoint
 from engine.config import parse_args_with_config, resumed_arguments
-from engine.distributed import DistEnv
-from engine.errors import UserError
+from kdcore.distributed import DistEnv
+from kdcore.errors import UserError
 from engine.loader import MixupWithLabels, build_loaders, load_datasets, resolve_data_settings, uses_prefetcher
 from engine.optim import resolve_lr
 from engine.run import build_emas, build_run, build_student, check_arguments

@@ -21,14 +21,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distillers import DISTILLERS, DistillerContext, build_distiller, get_distiller_class  # noqa: E402
-from engine.batch import Batch  # noqa: E402
+from distillers import DISTILLERS, build_distiller  # noqa: E402
+from kdcore.batch import Batch  # noqa: E402
 from engine.loop import train_step  # noqa: E402
 from engine.models import count_parameters, create_model  # noqa: E402
-from engine.precision import AMP_DTYPES, TEACHER_PRECISIONS, autocast_context, default_device  # noqa: E402
-from engine.precision import cpu_model_name, resolve_teacher_precision  # noqa: E402
-from engine.stages import probe_stages  # noqa: E402
-from engine.teacher import FrozenSource  # noqa: E402
+from kdcore.precision import AMP_DTYPES, TEACHER_PRECISIONS, autocast_context, default_device  # noqa: E402
+from kdcore.precision import resolve_teacher_precision  # noqa: E402
+from tools.machine import cpu_model_name  # noqa: E402
+from engine.sources import FrozenSource  # noqa: E402
 from engine.train_args import build_train_parser  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 
@@ -105,7 +105,7 @@ class TeacherUnderGradMode(FrozenSource):
         if grad_mode == "grad":
             self.model.requires_grad_(True)
 
-    def __call__(self, images):
+    def of_images(self, images):
         with self.grad_context():
             features = self.features(images)
         return features.detached_float()
@@ -119,15 +119,11 @@ class Configuration:
         train_args.distiller = name
         self.name, self.device = name, device
         self.student = create_model(opts.student, num_classes=opts.num_classes, img_size=opts.img_size)
-        student_request, teacher_request = get_distiller_class(name).feature_requests(train_args)
         size = (3, opts.img_size, opts.img_size)
-        context = DistillerContext(
-            args=train_args, gt_criterion=torch.nn.CrossEntropyLoss(), num_classes=opts.num_classes,
-            teacher=teacher_model, dataset_size=opts.dataset_size, world_size=1,
-            train_labels=torch.arange(opts.dataset_size) % opts.num_classes,
-            student_stages=probe_stages(self.student, size, student_request.stages),
-            teacher_stages=probe_stages(teacher_model, size, teacher_request.stages) if teacher_request else {})
-        self.distiller = build_distiller(name, self.student, context)
+        train_args.num_classes = opts.num_classes
+        self.distiller = build_distiller(train_args, self.student, input_size=size, teacher=teacher_model,
+                                         dataset_size=opts.dataset_size,
+                                         train_labels=torch.arange(opts.dataset_size) % opts.num_classes)
         if opts.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
         self.distiller.to(device).train()

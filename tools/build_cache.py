@@ -37,12 +37,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cache import ARRAYS, CacheWriter, dataset_identity  # noqa: E402
 from engine.datasets import _cifar100_dir, build_dataset, dataset_labels, infer_dataset_kind  # noqa: E402
-from engine.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
-from engine.features import FeatureRequest, Features  # noqa: E402
+from kdcore.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
+from kdcore.features import FeatureRequest, Features  # noqa: E402
 from engine.loader import build_eval_transform, resolve_data_settings  # noqa: E402
-from engine.models import create_model, embedding_dim, load_weights  # noqa: E402
-from engine.precision import TEACHER_DTYPES, autocast_factory, default_device, resolve_teacher_precision  # noqa: E402
-from engine.teacher import FrozenSource  # noqa: E402
+from engine.models import create_model  # noqa: E402
+from kdcore.features import embedding_dim  # noqa: E402
+from engine.weights import load_weights  # noqa: E402
+from kdcore.precision import TEACHER_DTYPES, autocast_factory, default_device, resolve_teacher_precision  # noqa: E402
+from engine.sources import FrozenSource  # noqa: E402
 from engine.train_args import add_data_arguments  # noqa: E402
 
 CLIP_PREFIX = "clip:"
@@ -95,7 +97,7 @@ def class_names(args, kind, dataset):
 
 
 class ClipZeroShot:
-    """open_clip zero-shot classifier: `__call__(images) -> Features(logits, embedding)`.
+    """open_clip zero-shot classifier: `of_images(images) -> Features(logits, embedding)`, as FrozenSource's.
 
     Class embedding: normalise(mean over templates of normalise(text embedding of the prompt)); logits: the
     cosine between the normalised image embedding and each class embedding (REFERENCE.md §6).
@@ -110,7 +112,7 @@ class ClipZeroShot:
                 classes.append(torch.nn.functional.normalize(text, dim=-1).mean(dim=0))
             self.class_embeddings = torch.nn.functional.normalize(torch.stack(classes), dim=-1)
 
-    def __call__(self, images):
+    def of_images(self, images):
         with torch.inference_mode(), self.autocast():
             embedding = torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)
         return Features(logits=embedding @ self.class_embeddings.t(), embedding=embedding)
@@ -153,7 +155,7 @@ def build_timm_source(args, dataset, num_classes, device, precision):
 
 
 def build_source(args, names, dataset, device):
-    """(callable images -> Features, transform, {array: width}, description recorded in the cache)."""
+    """(source with of_images(images) -> Features, transform, {array: width}, description recorded in the cache)."""
     precision, _ = resolve_teacher_precision(args.precision, device)
     if args.source.startswith(CLIP_PREFIX):
         source, transform, widths = build_clip_source(args, names, device, precision)
@@ -180,7 +182,7 @@ def build_cache(args):
                         shuffle=False, num_workers=args.workers)
     with tqdm(total=len(dataset), initial=writer.done, unit="img", desc=f"caching {args.source}") as bar:
         for images, _ in loader:
-            features = source(images.to(device))
+            features = source.of_images(images.to(device))
             writer.write({k: getattr(features, k) for k in widths})
             bar.update(len(images))
     return writer.finish()

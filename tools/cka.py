@@ -7,7 +7,7 @@
     python tools/cka.py --teacher ... --teacher-checkpoint ... \
         --student-checkpoint A/last.pth.tar B/last.pth.tar --labels scratch rsd --output cka.png --json cka.json
 
-Rows are the teacher's layers, columns the student's; each cell is minibatch linear CKA (engine/cka.py:
+Rows are the teacher's layers, columns the student's; each cell is minibatch linear CKA (tools/cka_metric.py:
 unbiased HSIC averaged over minibatches, features flattened per image) over `--images` validation images, a
 fixed class-balanced choice. `--layers blocks` (default) takes every output of timm's forward_intermediates()
 (each block of a ViT or Mixer; each stage of a ConvNeXt, which timm reports per stage), `--layers stages` the
@@ -33,13 +33,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from custom_forward import family_for, stage_features  # noqa: E402
-from engine.cka import MinibatchCKA  # noqa: E402
-from engine.checkpoint import atomic_write, atomic_write_text  # noqa: E402
+from tools.cka_metric import MinibatchCKA  # noqa: E402
+from kdcore.io import atomic_write, atomic_write_text  # noqa: E402
 from engine.datasets import ClassBalancedSubset, build_dataset  # noqa: E402
-from engine.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
-from engine.features import PAPER_STAGES  # noqa: E402
+from kdcore.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
+from kdcore.features import PAPER_STAGES  # noqa: E402
 from engine.loader import build_eval_transform, resolve_data_settings  # noqa: E402
-from engine.models import create_model, load_weights, read_checkpoint, recorded_args  # noqa: E402
+from engine.models import create_model  # noqa: E402
+from engine.weights import load_weights, read_checkpoint, recorded_args  # noqa: E402
 from engine.train_args import add_data_arguments  # noqa: E402
 
 RECORDED_DATA_KEYS = ("data_dir", "dataset", "num_classes", "img_size", "mean", "std", "crop_pct", "interpolation",

@@ -22,7 +22,6 @@ CKA maps side by side (tools/cka.py).
 import argparse
 import csv
 import datetime
-import io
 import json
 import math
 import os
@@ -43,11 +42,11 @@ sys.path.insert(0, REPO)
 
 import custom_model  # noqa: E402,F401  (registers the demo students with timm before --students is checked)
 from distillers import DISTILLERS  # noqa: E402
-from engine.checkpoint import atomic_write, atomic_write_text  # noqa: E402
+from kdcore.io import atomic_write, atomic_write_csv, atomic_write_text  # noqa: E402
 from engine.config import load_config  # noqa: E402
-from engine.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
+from kdcore.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
 from engine.loop import format_seconds  # noqa: E402
-from engine.precision import cpu_model_name  # noqa: E402
+from tools.machine import cpu_model_name  # noqa: E402
 from engine.train_args import build_train_parser  # noqa: E402
 from tools.cka import main as cka_main  # noqa: E402
 
@@ -187,14 +186,6 @@ def collect_results(out):
     return sorted(rows, key=lambda r: (r["pair"], list(METHODS).index(r["method"]), r["seed"]))
 
 
-def write_results_csv(rows, path):
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(text.getvalue(), path)
-
-
 def read_results_csv(path):
     with open(path, newline="") as f:
         return [dict(row, seed=int(row["seed"]), best_top1=float(row["best_top1"]),
@@ -269,7 +260,7 @@ def plot_top1(rows, path):
 def aggregate(out):
     """results.csv, table.md and top1.png from the finished runs under `out`; the rows."""
     rows = collect_results(out)
-    write_results_csv(rows, os.path.join(out, "results.csv"))
+    atomic_write_csv(rows, os.path.join(out, "results.csv"), RESULT_COLUMNS)
     if rows:
         write_table(rows, os.path.join(out, "table.md"))
         plot_top1(rows, os.path.join(out, "top1.png"))

@@ -20,10 +20,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from distillers import DISTILLERS, DistillerContext, build_distiller, get_distiller_class  # noqa: E402
+from distillers import DISTILLERS, build_distiller  # noqa: E402
 from engine.config import parse_args_with_config  # noqa: E402
 from engine.models import count_parameters, create_model  # noqa: E402
-from engine.stages import probe_stages  # noqa: E402
 from engine.train_args import build_train_parser  # noqa: E402
 
 IMG_SIZE = 224
@@ -45,13 +44,7 @@ def preset_args(path, flags=()):
 
 def extra_parameter_count(args, student, teacher):
     """Extra trainable parameters of the distiller `args` asks for, built as train.py builds it at 224 px."""
-    student_request, teacher_request = get_distiller_class(args.distiller).feature_requests(args)
-    size = (3, IMG_SIZE, IMG_SIZE)
-    context = DistillerContext(
-        args=args, gt_criterion=torch.nn.CrossEntropyLoss(), num_classes=args.num_classes, teacher=teacher,
-        student_stages=probe_stages(student, size, student_request.stages),
-        teacher_stages=probe_stages(teacher, size, teacher_request.stages))
-    return build_distiller(args.distiller, student, context).extra_parameter_count()
+    return build_distiller(args, student, input_size=(3, IMG_SIZE, IMG_SIZE), teacher=teacher).extra_parameter_count()
 
 
 class ModelCache:

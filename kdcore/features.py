@@ -62,3 +62,9 @@ def extract_features(model, x, request):
         classifier = model.get_classifier()
         logits = model.forward_head(final) if isinstance(classifier, tuple) else classifier(embedding)
     return Features(logits, embedding if request.embedding else None, stages)
+
+
+def embedding_dim(model):
+    """Width of the pooled pre-logits vector (`forward_head(..., pre_logits=True)`); None for a model that does not
+    say (no timm `num_features`)."""
+    return getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)

@@ -1,40 +1,25 @@
-"""Frozen sources (the teacher; later a second one such as CLIP): built once, eval() forever, no gradients,
-never in DDP, never checkpointed, each with its own precision, input normalisation and size."""
+"""Frozen sources: the teacher and any second source a distiller declares (RichKD's), each built here from its
+flags, once; eval() forever, no gradients, never in DDP, never checkpointed, each with its own precision, input
+normalisation and size.
+
+A source is called with the step's `Batch` and returns `Features` (fp32, usable by autograd), so a live model
+(`FrozenSource`) and a cache read (`CachedSource`) look alike to the loop; `describe(stages)` gives its widths and
+stage layouts (`OutputInfo`) for the distiller's construction.
+"""
 import types
-from dataclasses import dataclass
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .features import extract_features
-from .models import create_model, load_weights
-from .precision import TEACHER_DTYPES, autocast_factory, resolve_teacher_precision
+from kdcore.errors import UserError
+from kdcore.features import Features, extract_features
+from kdcore.precision import TEACHER_DTYPES, autocast_factory, resolve_teacher_precision
+from kdcore.sources import InputSpec
+from kdcore.stages import OutputInfo, describe_model
 
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How a model's input batch is normalised and sized: per-channel mean and std, (height, width)."""
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-    size: Tuple[int, int]
-
-    @classmethod
-    def of_data_config(cls, config):
-        """A model's input as timm's data config describes it (mean, std, input_size)."""
-        return cls.of(config["mean"], config["std"], config["input_size"])
-
-    def with_overrides(self, mean=None, std=None, size=None):
-        """This spec with any of mean, std, size replaced (flags left unset keep the student's)."""
-        return InputSpec.of(mean or self.mean, std or self.std, size or self.size)
-
-    @classmethod
-    def of(cls, mean, std, size):
-        size = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-        if any(s <= 0 for s in std):
-            raise UserError(f"input std {tuple(std)} must be positive in every channel")
-        return cls(tuple(float(m) for m in mean), tuple(float(s) for s in std), size)
+from .cache import SourceCache, mix_like_images
+from .models import create_model
+from .weights import load_weights
 
 
 def _stay_in_eval(model, mode=True):
@@ -90,11 +75,21 @@ class FrozenSource:
         with self._autocast():
             return self._extract(self.model, images, self.request)
 
-    def __call__(self, images):
-        """The requested `Features`, fp32 copies usable by autograd outside this call."""
+    def __call__(self, batch):
+        """The requested `Features` of the step's (mixed) batch, fp32 copies usable by autograd outside this call."""
+        return self.of_images(batch.images)
+
+    def of_images(self, images):
+        """The requested `Features` of a student-normalised image batch (fp32, usable by autograd)."""
         with torch.inference_mode():
             features = self.features(images)
         return features.detached_float()
+
+    def describe(self, stages):
+        """Its `OutputInfo`: widths, and the layouts of `stages` by a dry run at its own input size."""
+        if self.input is None:
+            raise ValueError("a FrozenSource built without an input spec cannot be described; pass student_input")
+        return describe_model(self.model, (3, *self.input.size), stages)
 
     def predict(self, images):
         """fp32 logits of a student-normalised batch (to score the source on the student's loader)."""
@@ -128,3 +123,59 @@ def build_teacher_model(args, num_classes, img_size):
         raise UserError(f"--teacher {args.teacher} needs --teacher-pretrained PATH (its fine-tuned checkpoint, "
                         f"see pretrained/README.md); a randomly initialised teacher teaches nothing")
     return load_weights(model, args.teacher_pretrained, args.teacher, use_ema=args.use_ema_teacher, role="teacher")
+
+
+class CachedSource:
+    """A source read from a cache (tools/build_cache.py): the rows of the batch's dataset indices, mixed as the
+    images were (lam * row_i + (1 - lam) * row_{B-1-i}, timm's pairing), standing in for the source's output on
+    the mixed image, which was never computed."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def describe(self, stages):
+        if stages:
+            raise UserError(f"cache {self.cache.path!r} holds no stage maps (stages {list(stages)} requested); "
+                            f"use a live source instead")
+        widths = self.cache.meta["widths"]
+        return OutputInfo(embedding_width=widths.get("embedding"), logits_width=widths.get("logits"))
+
+    def __call__(self, batch):
+        rows = self.cache.lookup(batch.index)
+        return Features(*(None if x is None else mix_like_images(x, batch.lam) for x in (rows.logits, rows.embedding)))
+
+
+def build_extra_source(args, spec, distiller_name, train_labels, student_data_config, device):
+    """The second source a distiller declares (`SourceSpec`), from its flags: a `CachedSource` (PREFIX-cache) or a
+    live `FrozenSource` (PREFIX-source, PREFIX-source-pretrained, PREFIX-source-mean/std/img-size), in the
+    teacher's precision, checked against the run."""
+    request = spec.request
+    needs = [k for k, wanted in (("logits", request.logits), ("embedding", request.embedding)) if wanted]
+    cache, model_name = spec.value(args, "cache"), spec.value(args, "source")
+    if bool(cache) == bool(model_name):
+        raise UserError(f"--distiller {distiller_name} needs one {spec.role}: {spec.flag('cache')} DIR "
+                        f"(tools/build_cache.py) or {spec.flag('source')} MODEL {spec.flag('source-pretrained')} PATH")
+    if cache:
+        if train_labels is None:
+            raise UserError(f"{spec.flag('cache')} needs the class of every training sample to check the cache "
+                            f"against")
+        source_cache = SourceCache(cache)
+        source_cache.check(train_labels, needs, args.num_classes)
+        return CachedSource(source_cache)
+    pretrained = spec.value(args, "source-pretrained")
+    if not pretrained:
+        raise UserError(f"{spec.flag('source')} {model_name} needs {spec.flag('source-pretrained')} PATH (its "
+                        f"trained checkpoint); a randomly initialised source teaches nothing")
+    student_input = InputSpec.of_data_config(student_data_config)  # PREFIX-source-* default to it
+    source_input = student_input.with_overrides(spec.value(args, "source-mean"), spec.value(args, "source-std"),
+                                                spec.value(args, "source-img-size"))
+    model = create_model(model_name, num_classes=args.num_classes, img_size=source_input.size[0])
+    load_weights(model, pretrained, model_name, role=spec.role)
+    return FrozenSource(model, request, device, args.teacher_precision, student_input=student_input,
+                        source_input=source_input, compile=args.compile)
+
+
+def build_extra_sources(args, distiller_cls, train_labels, student_data_config, device):
+    """{SourceSpec.name: source} of every second source the distiller declares for these arguments."""
+    return {spec.name: build_extra_source(args, spec, distiller_cls.name, train_labels, student_data_config, device)
+            for spec in distiller_cls.extra_sources(args)}

@@ -1,12 +1,13 @@
-"""Stage layouts found by a dry run at the real input size (no hand-written shape tables)."""
-from dataclasses import dataclass
-from typing import Tuple
+"""What a model or source hands out, found by a dry run at the real input size (no hand-written shape tables):
+the requested stages' layouts and the widths of its embedding and logits."""
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from custom_forward import family_for
 
-from .features import FeatureRequest, extract_features
+from .features import FeatureRequest, embedding_dim, extract_features
 
 
 @dataclass(frozen=True)
@@ -40,3 +41,18 @@ def probe_stages(model, input_size, stages):
             m.training = training
     prefix = family.prefix_tokens(model)
     return {s: StageInfo(s, family.kind, family.layout, prefix, tuple(t.shape[1:])) for s, t in feats.stages.items()}
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """What a source (or the student) hands out, apart from any model: the width of its pooled embedding and of
+    its logits, and {paper stage: StageInfo} of the stages requested from it."""
+    embedding_width: Optional[int] = None
+    logits_width: Optional[int] = None
+    stages: Dict[int, StageInfo] = field(default_factory=dict)
+
+
+def describe_model(model, input_size, stages=()):
+    """The `OutputInfo` of `model` at `input_size`, its `stages` found by `probe_stages`."""
+    return OutputInfo(embedding_dim(model), getattr(model, "num_classes", None),
+                      probe_stages(model, input_size, stages))
