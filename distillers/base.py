@@ -112,8 +112,10 @@ class Distiller(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("student.") and p.requires_grad]
 
     def self_synced_buffers(self):
-        """Names of buffers this distiller keeps identical across processes itself (none by default)."""
-        return []
+        """Names of buffers this distiller keeps identical across processes itself: by default those its direct
+        submodules name by a `self_synced_buffers()` of their own (CRD's `contrast`)."""
+        return [f"{name}.{buffer}" for name, module in self.named_children()
+                if hasattr(module, "self_synced_buffers") for buffer in module.self_synced_buffers()]
 
     def extra_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}

@@ -58,9 +58,6 @@ class CRD(Distiller):
         g.add_argument("--crd-temperature", type=float, default=0.07, help="NCE temperature T")
         g.add_argument("--crd-nce-eps", type=float, default=1e-7, help="eps in the NCE denominators")
 
-    def self_synced_buffers(self):
-        return [f"contrast.{name}" for name in self.contrast.self_synced_buffers()]
-
     def distill_losses(self, student_feats, teacher_feats, batch):
         loss = self.contrast(student_feats.embedding, teacher_feats.embedding, batch.index)
         return {"crd": self.kd_loss_weight * loss}

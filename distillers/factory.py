@@ -29,8 +29,9 @@ def build_distiller(args, student, *, input_size=None, teacher=None, teacher_inp
         teacher: the teacher as a model (probed at `teacher_input_size`, default `input_size`), a source, or an
             `OutputInfo`; None for methods without a teacher.
         sources: {SourceSpec.name: model, source or OutputInfo} of the sources `extra_sources(args)` declares.
-        gt_criterion: the ground-truth loss (default cross-entropy); num_classes (default --num-classes); dataset_size and train_labels (class per
-            dataset index) for memory banks; world_size for the global batch.
+        gt_criterion: the ground-truth loss (default cross-entropy); num_classes (default --num-classes);
+            dataset_size and train_labels (class per dataset index) for memory banks; world_size for the global
+            batch.
         input_size may be left out when no stage is requested.
 
     Example:
@@ -46,7 +47,8 @@ def build_distiller(args, student, *, input_size=None, teacher=None, teacher_inp
                         f"{missing[0].flag('source')} MODEL (train.py builds it from those flags)")
     context = DistillerContext(
         args=args, gt_criterion=gt_criterion if gt_criterion is not None else torch.nn.CrossEntropyLoss(),
-        num_classes=num_classes or args.num_classes, dataset_size=dataset_size, train_labels=train_labels, world_size=world_size,
+        num_classes=num_classes or args.num_classes, dataset_size=dataset_size, train_labels=train_labels,
+        world_size=world_size,
         seed=args.seed, student=describe(student, input_size, student_request.stages),
         teacher=describe(teacher, teacher_input_size or input_size, teacher_request.stages)
         if teacher_request is not None and teacher is not None else None,

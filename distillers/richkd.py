@@ -104,9 +104,6 @@ class RichKD(Distiller):
         g.add_argument("--richkd-feat-weight", type=float, default=0.8, help="weight of the (F) term")
         add_source_arguments(g, "--richkd", "second source")
 
-    def self_synced_buffers(self):
-        return [f"contrast.{name}" for name in self.contrast.self_synced_buffers()] if "F" in self.richkd_mode else []
-
     def distill_losses(self, student_feats, teacher_feats, batch, second_source):
         losses = {}
         if "L" in self.richkd_mode:

@@ -134,8 +134,9 @@ def test_z_is_estimated_from_the_first_batch_then_frozen():
     index, emb_s, emb_t = global_batch(0)
     loss = crd_step(crd, index, emb_s, emb_t)
     # Independently: the anchors, the contrast rows gathered from the banks as they were, the reference's Z.
-    f_s = F.normalize(emb_s.double() @ crd.contrast.embed_s.linear.weight.double().t() + crd.contrast.embed_s.linear.bias.double())
-    f_t = F.normalize(emb_t.double() @ crd.contrast.embed_t.linear.weight.double().t() + crd.contrast.embed_t.linear.bias.double())
+    head_s, head_t = crd.contrast.embed_s.linear, crd.contrast.embed_t.linear
+    f_s = F.normalize(emb_s.double() @ head_s.weight.double().t() + head_s.bias.double())
+    f_t = F.normalize(emb_t.double() @ head_t.weight.double().t() + head_t.bias.double())
     negatives = draw_negatives(LABELS[index], K, *class_blocks(LABELS), negatives_generator(42, 0, "cpu"))
     contrast = torch.cat([index[:, None], negatives], dim=1)
     s_scores = torch.einsum("bkd,bd->bk", bank_t[contrast], f_s)
@@ -175,7 +176,8 @@ def test_banks_z_and_step_are_checkpointed_with_the_distiller_and_resume_exactly
     resumed.load_extra_state_dict(state)
     batch = global_batch(1)
     assert torch.equal(crd_step(resumed, *batch), crd_step(crd, *batch))
-    assert torch.equal(resumed.contrast.memory_student, crd.contrast.memory_student) and torch.equal(resumed.contrast.z, crd.contrast.z)
+    assert torch.equal(resumed.contrast.memory_student, crd.contrast.memory_student)
+    assert torch.equal(resumed.contrast.z, crd.contrast.z)
 
 
 def test_refuses_a_single_class_dataset_and_missing_labels():

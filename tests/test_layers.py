@@ -26,7 +26,8 @@ def readme_layers(text):
 
 
 def python_files():
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO, capture_output=True, text=True, check=True)
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO,
+                            capture_output=True, text=True, check=True)
     return [p for p in listed.stdout.split() if os.path.isfile(os.path.join(REPO, p))]
 
 

@@ -91,7 +91,8 @@ def write_fixtures(tree, folder):
     """Random-init teacher and second-source checkpoints (plain timm) and the second source's cache."""
     import timm
     os.makedirs(folder, exist_ok=True)
-    for file, name, seed, kwargs in (("teacher.pth", "test_vit", 0, {"img_size": 32}), ("source.pth", "test_resnet", 1, {})):
+    for file, name, seed, kwargs in (("teacher.pth", "test_vit", 0, {"img_size": 32}),
+                                     ("source.pth", "test_resnet", 1, {})):
         torch.manual_seed(seed)
         torch.save(timm.create_model(name, num_classes=10, **kwargs).state_dict(), os.path.join(folder, file))
     if not os.path.isdir(os.path.join(folder, "cache")):
