@@ -16,21 +16,23 @@ import os
 import torch
 from timm.utils import ParseKwargs
 
-from kdcore.io import atomic_write_text, csv_text
-from engine.datasets import DATASET_KINDS, build_dataset, infer_dataset_kind
-from kdcore.distributed import DistEnv
-from kdcore.errors import UserError, exit_cleanly_on_user_error
+from engine.datasets import DATASETS, build_dataset, infer_dataset_kind
 from engine.loader import build_eval_loader, resolve_data_settings
 from engine.loop import evaluate
 from engine.models import count_parameters, create_model
-from engine.weights import load_weights, read_checkpoint, recorded_args
-from kdcore.precision import AMP_DTYPES, autocast_context, default_device
+from engine.plugins import add_import_argument, import_modules_of_command_line
 from engine.train_args import add_data_arguments
+from engine.weights import load_weights, read_checkpoint, recorded_args
+from kdcore.distributed import DistEnv
+from kdcore.errors import UserError, exit_cleanly_on_user_error
+from kdcore.io import atomic_write_text, csv_text
+from kdcore.precision import AMP_DTYPES, autocast_context, default_device
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(p)
+    add_import_argument(p)
     p.add_argument("--model", default="", help="timm model name (default: the checkpoint's)")
     p.add_argument("--checkpoint", required=True, help="weights to score")
     p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else the dataset's")
@@ -83,12 +85,13 @@ def _fill_from_checkpoint(args, checkpoint):
                     "synthetic_seed", "model_kwargs"):
             if getattr(args, key) in (None, "") and recorded.get(key) not in (None, ""):
                 setattr(args, key, recorded[key])
-        if recorded.get("dataset") in DATASET_KINDS:  # timm's own names ('torch/cifar100') are not ours
+        if recorded.get("dataset") in DATASETS:  # timm's own names ('torch/cifar100') are not ours
             args.dataset = args.dataset or recorded["dataset"]
 
 
 @exit_cleanly_on_user_error
 def main(argv=None):
+    import_modules_of_command_line(argv)  # before the parser: their datasets are valid --dataset choices
     args = build_parser().parse_args(argv)
     check_results_file(args.results_file)
     checkpoint = read_checkpoint(args.checkpoint)

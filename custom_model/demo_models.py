@@ -10,11 +10,11 @@
   at 10 classes, so the fidelity study's two students differ in architecture, not size.
 All keep timm's forward_intermediates()/forward_head(), so every distiller works on them unchanged.
 """
-from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 
 class ConvNeXtFineStem(ConvNeXt):

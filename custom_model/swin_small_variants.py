@@ -1,4 +1,4 @@
-"""Swin-Nano and Swin-Pico: the paper's small Swin students (REFERENCE.md §5).
+"""Swin-Nano and Swin-Pico: the RSD paper's (ICCV 2025) small Swin students, added by its code.
 
 Patch 4, window 7, depths (2, 2, 2, 2), heads (2, 4, 8, 16); embed dim 64 (nano) and 48 (pico).
 Swin-N has 9.60M parameters at 1000 classes. No pretrained weights exist for them.

@@ -1,7 +1,7 @@
 """What every distiller shares: the student, the ground-truth loss, the feature plumbing, and the fp32 policy of
 every loss.
 
-The interface (DESIGN.md, "Distiller interface"): a distiller declares the features it needs from the
+The interface: a distiller declares the features it needs from the
 student and the teacher (`FeatureRequest`: paper stages 1-4, pooled embedding, logits) and any second frozen
 source (`extra_sources`), is built by `distillers.factory.build_distiller` with a `DistillerContext` (each
 source's widths and stage layouts found by a dry run, class count, dataset size, world size), and each step gets
@@ -11,13 +11,13 @@ indices, mixup lambda).
 
 Flags: a class's `add_arguments(parser)`, where it defines one, adds only the flags of that class (the parser
 calls it once per class along every registered class's MRO, so a subclass inherits its parent's flags and never
-re-adds them). A distiller reads its own flags, the shared ones it lists in `shared_flags` (their help then names
-it), and other methods' flags only where it lists them in `borrowed_flags` (their help then says so).
+re-adds them). A distiller reads its own flags, the common loss weights it lists in `shared_flags` (their help
+then names it), and other methods' flags only where it lists them in `borrowed_flags` (their help then says so).
 """
 import argparse
 import functools
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -44,10 +44,17 @@ def _device_type(values):
     return "cpu"
 
 
-def fp32_loss(loss):
+def fp32_loss(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """The precision policy of every `*_loss`: called with autocast off and every floating tensor argument (and
     each tensor of a list argument) in fp32, or kept in fp64, so bf16/fp16 features under the student's autocast
-    never reach a log, an exp or a sum over the batch in low precision."""
+    never reach a log, an exp or a sum over the batch in low precision.
+
+    Args:
+        loss: a loss function of tensors (and plain hyperparameters).
+
+    Returns:
+        The same function, wrapped (`functools.wraps`: name, docstring and annotations kept).
+    """
     @functools.wraps(loss)
     def in_fp32(*args, **kwargs):
         with torch.autocast(_device_type([*args, *kwargs.values()]), enabled=False):
@@ -84,7 +91,7 @@ class Distiller(nn.Module):
     student_request = FeatureRequest()
     teacher_request = None
     supports_mixup = True
-    shared_flags = ()  # shared flags read besides --gt-loss-weight (which every distiller reads)
+    shared_flags = ()  # common loss weights read besides --gt-loss-weight (which every distiller reads)
     borrowed_flags = {}  # {argument dest: registered name of the method that defines it}
 
     def __init__(self, student, context):

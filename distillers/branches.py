@@ -1,6 +1,7 @@
-"""OFA's stage branches (OFA-KD, NeurIPS 2023; REFERENCE.md §4): one small classifier per paper stage that
-turns a student stage feature into class logits, so an intermediate stage can be distilled in the logit
-space shared by every architecture. Shared by `--distiller ofa` and RSD's Table 7 variant.
+"""OFA's stage branches (Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in
+Knowledge Distillation", NeurIPS 2023, as its official code builds them): one small classifier per paper stage
+that turns a student stage feature into class logits, so an intermediate stage can be distilled in the logit
+space common to every architecture. Used by `--distiller ofa` and by the RSD paper's Table 7 variant.
 
 The branch follows the student's family (`StageInfo.kind`), never the tensor layout; with D_s, D_t the
 embedding widths:
@@ -64,7 +65,7 @@ class TokenBranch(nn.Module):
                             f"prefix tokens cannot be re-projected: pick other --ofa-stage values")
         merges = max(int(math.log2(self.grid / FINAL_GRID)), 0)
         if merges:
-            # As the reference: a GELU after every merge but the last, and always after the first.
+            # As the OFA-KD code: a GELU after every merge but the last, and always after the first.
             self.entry = nn.Sequential(*(
                 nn.Sequential(PatchMerging(chans if i == 0 else student_dim, student_dim),
                               nn.GELU() if i == 0 or i < merges - 1 else nn.Identity())

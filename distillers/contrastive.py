@@ -1,9 +1,12 @@
-"""CRD's contrastive part as a component (REFERENCE.md §4, §4a): the NCE loss, the negatives, the memory banks and
-their update, and `ContrastiveMemory`, which `crd` and `richkd` both own. The method itself is explained in
-distillers/crd.py.
+"""CRD's contrastive part as a component (Tian et al., "Contrastive Representation Distillation", ICLR 2020, as
+the OFA-KD code runs it): the NCE loss, the negatives, the memory banks and their update, and
+`ContrastiveMemory`, which `crd` and `richkd` both own. The method itself is explained in distillers/crd.py.
 """
+from __future__ import annotations
+
 import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,18 +20,32 @@ from .base import fp32_loss
 
 
 @fp32_loss
-def crd_loss(student_scores, teacher_scores, z, num_data, temperature=0.07, eps=1e-7):
-    """NCE loss of both anchors: `*_scores` are (B, 1 + K) dot products, the positive first; z = (Z_s, Z_t).
+def crd_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, z: torch.Tensor | Sequence[float],
+             num_data: int, temperature: float = 0.07, eps: float = 1e-7) -> torch.Tensor:
+    """NCE loss of both anchors, the CRD paper's objective (Tian et al., ICLR 2020; the paper's loss, written out).
 
     Per anchor, with h = exp(score / T) / Z and noise mass K/N:
     -(1/B) sum_b [log h_pos / (h_pos + K/N + eps) + sum_k log (K/N) / (h_neg + K/N + eps)] (eps as the
-    reference). Computed from log h in fp32 (or fp64) even under autocast, so a vanishing h cannot give log 0.
+    OFA-KD code). Computed from log h in fp32 (or fp64) even under autocast, so a vanishing h cannot give log 0.
+
+    Args:
+        student_scores: (B, 1 + K) dot products of the student anchors with the teacher bank, the positive first.
+        teacher_scores: the same for the teacher-side anchors against the student bank.
+        z: the frozen normalisers (Z_s, Z_t).
+        num_data: N, the number of training samples.
+        temperature: the NCE temperature T.
+        eps: added to each denominator.
+
+    Returns:
+        The scalar loss, summed over both anchors.
     """
     return (_nce_loss(student_scores, z[0], num_data, temperature, eps)
             + _nce_loss(teacher_scores, z[1], num_data, temperature, eps))
 
 
-def _nce_loss(scores, z, num_data, temperature, eps):
+def _nce_loss(scores: torch.Tensor, z: torch.Tensor | float, num_data: int, temperature: float,
+              eps: float) -> torch.Tensor:
+    """One anchor's term of `crd_loss`, from log h."""
     noise = (scores.shape[1] - 1) / num_data
     log_h = scores / temperature - torch.log(torch.as_tensor(z, dtype=scores.dtype, device=scores.device))
     log_denominator = torch.logaddexp(log_h, torch.full_like(log_h, math.log(noise + eps)))
@@ -57,7 +74,7 @@ def negatives_generator(seed, step, device):
 def draw_negatives(classes, k, by_class, starts, counts, generator):
     """K dataset indices per anchor of class `classes[b]`, uniform over the samples of the other classes.
 
-    Drawn with replacement, as the reference (numpy's choice over the other classes' index list, replace=True),
+    Drawn with replacement, as the OFA-KD code (numpy's choice over the other classes' index list, replace=True),
     so K may exceed the number of such samples (tiny datasets). A position r among the N - n_c other samples
     is r in the class-sorted order, shifted past the anchor's own class block.
     """
@@ -151,7 +168,7 @@ class ContrastiveMemory(nn.Module):
 
     @torch.no_grad()
     def _freeze_normalisers(self, student_scores, teacher_scores):
-        """Z = N x the mean of exp(score / T) over the global first batch (the reference's estimate)."""
+        """Z = N x the mean of exp(score / T) over the global first batch (the OFA-KD code's estimate)."""
         sums = [torch.exp(s / self.temperature).sum() for s in (student_scores, teacher_scores)]
         totals = all_reduce_sum(torch.stack(sums + [sums[0].new_tensor(student_scores.numel())]))
         self.z.copy_(totals[:2] / totals[2] * self.num_data)

@@ -1,10 +1,11 @@
-"""CC, correlation congruence, as the OFA-KD code runs it (REFERENCE.md §4, §4a).
+"""CC: Correlation Congruence for Knowledge Distillation (Peng et al., ICCV 2019), as the OFA-KD code runs it.
 
 Both pooled embeddings are mapped to `--correlation-feat-dim` by their own trainable Linear (the
 teacher-side one belongs to the distiller); with delta_i = e_s,i - e_t,i the loss couples each sample
 with the next one in the batch: scale * mean_i sum_d |delta_i,d| |delta_{i+1},d|, times --kd-loss-weight.
 Adjacent pairs are taken over the global batch under DDP (gathered in rank order).
 """
+import torch
 from torch import nn
 
 from kdcore.distributed import gather_no_grad, gather_with_grad
@@ -15,14 +16,29 @@ from .registry import register_distiller
 
 
 @fp32_loss
-def correlation_loss(student_embed, teacher_embed, scale):
-    """scale * mean over adjacent samples (i, i+1) of sum_d |delta_i,d| |delta_{i+1},d|, in fp32 (fp64 kept)."""
+def correlation_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor, scale: float) -> torch.Tensor:
+    """CC loss in the OFA-KD code's form (the loss, written out; Peng et al., ICCV 2019):
+    scale * mean over adjacent samples (i, i+1) of sum_d |delta_i,d| |delta_{i+1},d|, delta = e_s - e_t.
+
+    Args:
+        student_embed: (B, d) projected student embeddings e_s.
+        teacher_embed: (B, d) projected teacher embeddings e_t.
+        scale: the loss scale (`--correlation-scale`, 0.02).
+
+    Returns:
+        The scalar loss, computed in fp32 (fp64 kept).
+    """
     delta = (student_embed - teacher_embed).abs()
     return scale * (delta[:-1] * delta[1:]).sum(dim=1).mean()
 
 
 @register_distiller("correlation")
 class Correlation(Distiller):
+    """CC, Correlation Congruence (Peng et al., ICCV 2019), in the OFA-KD code's form.
+
+    Trainable Linear(D -> `--correlation-feat-dim`) embeddings on both sides; the term is scaled by
+    `--correlation-scale` and `--kd-loss-weight`.
+    """
     student_request = FeatureRequest(embedding=True)
     teacher_request = FeatureRequest(embedding=True, logits=False)
     shared_flags = ("kd_loss_weight",)

@@ -1,4 +1,4 @@
-"""CRD: Contrastive Representation Distillation (Tian et al., ICLR 2020; REFERENCE.md §4, §4a).
+"""CRD: Contrastive Representation Distillation (Tian et al., ICLR 2020), as the OFA-KD code runs it.
 
 Each pooled embedding goes through its own trainable head, Linear(D -> feat_dim) then L2 normalisation
 (the paper's g_S and g_T). Each is contrasted with the *other* model's memory bank: the positive is the bank
@@ -13,7 +13,7 @@ Z is estimated once, from the first batch, as N times the mean of exp(<v, m> / T
 loss, each bank row at the batch's indices moves towards the sample's new embedding (momentum 0.5) and is
 renormalised.
 
-Loss weight: the reference code scales the CRD term by `--kd-loss-weight` (1.0); the CRD paper (and RichKD)
+Loss weight: the OFA-KD code scales the CRD term by `--kd-loss-weight` (1.0); the CRD paper (and RichKD)
 use 0.8 with the ground-truth loss: pass `--kd-loss-weight 0.8` for that.
 
 Distributed: negatives are drawn for the whole global batch from a generator seeded by (--seed, step), so
@@ -21,7 +21,7 @@ each sample gets the same negatives whatever the process count (on a given devic
 scores its own rows. Z is estimated over the global first batch, and every process applies the same
 all-gathered (index, embedding) update to its banks, so they stay identical without DDP broadcasting them.
 
-Mixup/cutmix: supported as in the reference code, which applies timm's Mixup before CRD: a mixed image keeps
+Mixup/cutmix: supported as in the OFA-KD code, which applies timm's Mixup before CRD: a mixed image keeps
 its own dataset index as the positive, its negatives exclude the class of the sample at that index, and its
 (mixed) embedding updates that index's bank rows. The paper's ViT/MLP configs use mixup, so refusing it would
 break those command lines.
@@ -39,6 +39,11 @@ from .registry import register_distiller
 
 @register_distiller("crd")
 class CRD(Distiller):
+    """CRD, Contrastive Representation Distillation (Tian et al., ICLR 2020): the NCE objective against two
+    memory banks, on the pooled embeddings.
+
+    Flags: `--crd-feat-dim 128 --crd-k 16384 --crd-momentum 0.5 --crd-temperature 0.07`; weight `--kd-loss-weight`.
+    """
     student_request = FeatureRequest(embedding=True)
     teacher_request = FeatureRequest(logits=False, embedding=True)
     shared_flags = ("kd_loss_weight",)

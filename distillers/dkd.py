@@ -1,10 +1,10 @@
-"""DKD: Decoupled Knowledge Distillation (Zhao et al., CVPR 2022; REFERENCE.md §4, §4a).
+"""DKD: Decoupled Knowledge Distillation (Zhao et al., CVPR 2022).
 
 The paper rewrites KD's KL as TCKD + (1 - p_target^T) * NCKD: TCKD, the KL between the binary
 (target class vs all others) distributions of teacher and student; NCKD, the KL between their softmaxes over
 the non-target classes only. DKD drops the coupling factor and weights the two freely:
 L = CE + kd_loss_weight * T^2 * (alpha * TCKD + beta * NCKD). Each KL is summed over its classes and averaged
-over the batch, as the reference. The target is the hard label; under mixup/cutmix, the dominant class.
+over the batch, as the OFA-KD code. The target is the hard label; under mixup/cutmix, the dominant class.
 
 The warm-up of the DKD authors' code (the term scaled by min(epoch / warmup, 1)) is omitted: the OFA-KD code,
 whose DKD the RSD paper's tables report, has none.
@@ -20,21 +20,37 @@ from .registry import register_distiller
 TARGET_MASK = 1000.0  # subtracted from the target logit (after dividing by T) to leave it out of NCKD's softmax
 
 
-def _binary_log_probs(z, target):
+def _binary_log_probs(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """log p_target and log(1 - p_target) of softmax(z), from log-sum-exps so that neither underflows."""
     log_target = z.masked_fill(~target, float("-inf")).logsumexp(dim=1)
     log_rest = z.masked_fill(target, float("-inf")).logsumexp(dim=1)
     return torch.stack([log_target, log_rest], dim=1) - z.logsumexp(dim=1, keepdim=True)
 
 
-def _kl(log_p_student, log_p_teacher):
+def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student), summed over the classes, mean over the batch."""
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
 
 
 @fp32_loss
-def dkd_loss(logits_student, logits_teacher, labels, alpha, beta, temperature):
-    """T^2 * (alpha * TCKD + beta * NCKD) for hard `labels` (B,), in fp32 (fp64 stays fp64)."""
+def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
+             beta: float, temperature: float) -> torch.Tensor:
+    """The DKD loss (Zhao et al., CVPR 2022; the paper's loss, written out): T^2 * (alpha * TCKD + beta * NCKD).
+
+    TCKD = KL(b_t || b_s) over the binary (target, rest) probabilities; NCKD = KL over the softmax of the
+    non-target classes (the target logit masked by -1000 after dividing by T).
+
+    Args:
+        logits_student: (B, C) student logits.
+        logits_teacher: (B, C) teacher logits.
+        labels: (B,) hard labels (int64).
+        alpha: weight of TCKD.
+        beta: weight of NCKD.
+        temperature: the softmax temperature T.
+
+    Returns:
+        The scalar loss, computed in fp32 (fp64 stays fp64).
+    """
     z_s = logits_student / temperature
     z_t = logits_teacher.to(z_s.dtype) / temperature
     target = F.one_hot(labels, z_s.shape[1]).bool()
@@ -46,6 +62,8 @@ def dkd_loss(logits_student, logits_teacher, labels, alpha, beta, temperature):
 
 @register_distiller("dkd")
 class DKD(Distiller):
+    """DKD, Decoupled Knowledge Distillation (Zhao et al., CVPR 2022): TCKD and NCKD weighted freely.
+    Flags: `--dkd-alpha 1 --dkd-beta 2 --dkd-temperature 1`; weight `--kd-loss-weight`."""
     teacher_request = FeatureRequest(logits=True)
     shared_flags = ("kd_loss_weight",)
 

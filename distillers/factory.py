@@ -24,7 +24,7 @@ def build_distiller(args, student, *, input_size=None, teacher=None, teacher_inp
     """The `args.distiller` distiller (or `distiller_cls`, an unregistered one) around `student`.
 
     Args:
-        args: the parsed train.py arguments (the distiller reads its own flags and the shared ones).
+        args: the parsed train.py arguments (the distiller reads its own flags and the common loss weights).
         student: the student model; its requested stages are probed at `input_size` ((C, H, W) or an int).
         teacher: the teacher as a model (probed at `teacher_input_size`, default `input_size`), a source, or an
             `OutputInfo`; None for methods without a teacher.

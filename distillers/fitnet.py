@@ -1,18 +1,22 @@
-"""FitNets: hints from the teacher's intermediate stages (REFERENCE.md §4, §4a).
+"""FitNets: Hints for Thin Deep Nets (Romero et al., ICLR 2015): hints from the teacher's intermediate stages.
 
 For every paper stage in --fitnet-stage an adapter regresses the student's stage feature onto the
 teacher's, and the loss is the element-mean squared error per stage, summed over the stages. The RSD
 code (which made FitNets work across architectures) scales that sum by an extra 0.1 on top of
 --fitnet-loss-weight; so does this one (`HINT_SCALE`). No --kd-loss-weight, as there.
 
-One alignment rule for every pair of families, instead of the reference's per-pair patch aligners:
+One alignment rule for every pair of families, instead of the RSD code's per-pair patch aligners:
 both features become NCHW maps (token sequences lose their prefix tokens and fold row-major into a
 square grid, as timm lays out patches), then the student's map goes through a 1x1 conv to the
 teacher's channels and is resampled bilinearly to the teacher's grid. The MSE needs no batch
 statistics, so DDP's gradient averaging already gives the global-batch result.
 """
-import math
+from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -26,8 +30,17 @@ HINT_SCALE = 0.1  # the RSD code's extra factor on the summed hint losses
 
 
 @fp32_loss
-def fitnet_loss(student_maps, teacher_maps):
-    """Sum over stages of the element-mean squared error between aligned maps, in fp32 (fp64 kept)."""
+def fitnet_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """FitNets' hint loss (Romero et al., ICLR 2015; written out): sum over stages of the element-mean squared
+    error between the adapted student map and the teacher's, in fp32 (fp64 kept).
+
+    Args:
+        student_maps: one adapted student map per stage, each of its teacher map's shape.
+        teacher_maps: the teacher's maps, in the same stage order.
+
+    Returns:
+        The scalar loss, before `HINT_SCALE` and `--fitnet-loss-weight`.
+    """
     return sum(F.mse_loss(s, t) for s, t in zip(student_maps, teacher_maps))
 
 
@@ -72,6 +85,9 @@ class HintAdapter(nn.Module):
 
 @register_distiller("fitnet")
 class FitNet(Distiller):
+    """FitNets, hint-based distillation (Romero et al., ICLR 2015), for any pair of architectures (one adapter rule).
+    Flags: `--fitnet-stage 1 2 3 4 --fitnet-loss-weight 1` (times a fixed 0.1, as the RSD code)."""
+
     def __init__(self, student, context):
         super().__init__(student, context)
         self.fitnet_loss_weight = context.args.fitnet_loss_weight

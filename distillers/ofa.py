@@ -1,4 +1,5 @@
-"""OFA: One-for-All knowledge distillation (OFA-KD, NeurIPS 2023; REFERENCE.md §4, §4a).
+"""OFA: One-for-All knowledge distillation (Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous
+Architectures in Knowledge Distillation", NeurIPS 2023).
 
 Loss: CE + kd_loss_weight * ofa_loss(final logits, eps_last)
          + ofa_loss_weight * sum over --ofa-stage of ofa_loss(branch logits of the stage, eps_stage),
@@ -6,6 +7,11 @@ where each stage's branch (distillers/branches.py) turns a student stage feature
 `--ofa-criterion rsd` is the RSD paper's Table 6: every one of those terms becomes the RSD loss between
 the (branch) logits and the teacher logits, over the global batch, with the same weights.
 """
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
 import torch.nn.functional as F
 
 from kdcore.distributed import gather_no_grad, gather_with_grad
@@ -19,12 +25,24 @@ from .rsd import rsd_loss
 
 
 @fp32_loss
-def ofa_loss(logits_student, logits_teacher, target_mask, eps, temperature):
-    """mean_b sum_c -[(p_t + y)^eps - y] * log p_s with p = softmax(logits / T) and y the one-hot target.
+def ofa_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, target_mask: torch.Tensor, eps: float,
+             temperature: float) -> torch.Tensor:
+    """OFA's target-enhanced loss (Hao et al., NeurIPS 2023; the loss as the OFA-KD code computes it, written out):
+    mean_b sum_c -[(p_t + y)^eps - y] * log p_s with p = softmax(logits / T) and y the one-hot target.
 
     The target class's weight is raised by the teacher's confidence to the power eps (eps > 1 sharpens it);
     no T^2 factor. Computed in fp32 (fp64 stays fp64) with log_softmax, so fp16/bf16 logits cannot turn the
     log of an underflowed probability into NaN.
+
+    Args:
+        logits_student: (B, C) student logits (final or a stage branch's).
+        logits_teacher: (B, C) teacher logits.
+        target_mask: (B, C) one-hot hard targets y.
+        eps: the target-enhancement exponent (`--ofa-eps`).
+        temperature: the softmax temperature T.
+
+    Returns:
+        The scalar loss.
     """
     log_p_s = F.log_softmax(logits_student / temperature, dim=1)
     p_t = F.softmax(logits_teacher.to(log_p_s.dtype) / temperature, dim=1)
@@ -33,9 +51,13 @@ def ofa_loss(logits_student, logits_teacher, target_mask, eps, temperature):
     return -(weight * log_p_s).sum(dim=1).mean()
 
 
-def stage_eps(stages, eps):
+def stage_eps(stages: Sequence[int], eps: Sequence[float]) -> tuple[dict[int, float], float]:
     """The eps of each stage (in --ofa-stage order) and of the final logits: one value broadcast to all,
-    or exactly one per stage plus one for the logits, as the reference."""
+    or exactly one per stage plus one for the logits, as the OFA-KD code.
+
+    Returns:
+        ({stage: eps}, eps of the final logits).
+    """
     if len(eps) == 1:
         eps = list(eps) * (len(stages) + 1)
     if len(eps) != len(stages) + 1:
@@ -46,9 +68,11 @@ def stage_eps(stages, eps):
 
 @register_distiller("ofa")
 class OFA(Distiller):
+    """OFA, One-for-All heterogeneous distillation (Hao et al., NeurIPS 2023): `ofa_loss` on the final logits and
+    on the logits of a branch per `--ofa-stage`; `--ofa-eps` (CIFAR 1.0, ImageNet 1.5). `--ofa-criterion rsd`
+    is the RSD paper's Table 6 (ICCV 2025)."""
     shared_flags = ("kd_loss_weight",)
     borrowed_flags = {"rsd_kappa": "rsd"}  # --ofa-criterion rsd: the RSD terms' kappa
-
 
     @classmethod
     def feature_requests(cls, args):
@@ -85,6 +109,8 @@ class OFA(Distiller):
         return ofa_loss(logits, teacher_logits, target_mask, eps, self.ofa_temperature)
 
     def distill_losses(self, student_feats, teacher_feats, batch):
+        """{"ofa": kd_loss_weight * term(final logits, eps_last), "ofa_stage<s>": ofa_loss_weight * term(branch s)},
+        each term `ofa_loss` (or `rsd_loss` under `--ofa-criterion rsd`)."""
         teacher_logits = teacher_feats.logits
         if self.ofa_criterion == "rsd":
             teacher_logits = gather_no_grad(teacher_logits)

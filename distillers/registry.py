@@ -36,7 +36,7 @@ def _names(classes):
 
 
 def add_distiller_arguments(parser, registry=None):
-    """--distiller, the shared loss weights (their help names the methods that read them), then each method's own
+    """--distiller, the common loss weights (their help names the methods that read them), then each method's own
     flags (a flag another method borrows says so in its help)."""
     registry = DISTILLERS if registry is None else registry
     g = parser.add_argument_group("distillation")

@@ -1,5 +1,4 @@
-"""RichKD: Enriching Knowledge Distillation with Cross-Modal Teacher Fusion (Mansourian et al., arXiv 2511.09286;
-REFERENCE.md §6).
+"""RichKD: Enriching Knowledge Distillation with Cross-Modal Teacher Fusion (Mansourian et al., arXiv 2511.09286).
 
 A second frozen source C (CLIP ViT-L/14 zero-shot in the paper) is fused with the task teacher T, alpha = 0.7:
 - (L): z_F = alpha z_T + (1 - alpha) z_C, and 3 * T^2 * KL(softmax(z_F / T) || softmax(z_S / T)) with T = 3.
@@ -38,19 +37,33 @@ MODES = ("L", "F", "LF")
 SECOND_SOURCE = "second_source"  # its keyword in distill_losses
 
 
-def fuse(teacher, source, alpha):
+def fuse(teacher: torch.Tensor, source: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha * teacher + (1 - alpha) * source: the fused logits z_F (or the fused, unnormalised embedding)."""
     return alpha * teacher + (1 - alpha) * source
 
 
-def fused_embedding(embedding_teacher, embedding_source, alpha):
+def fused_embedding(embedding_teacher: torch.Tensor, embedding_source: torch.Tensor, alpha: float) -> torch.Tensor:
     """normalise(alpha g_T(e_T) + (1 - alpha) g_C(e_C)), from the two heads' (already L2-normalised) outputs."""
     return F.normalize(fuse(embedding_teacher, embedding_source, alpha), dim=1)
 
 
 @fp32_loss
-def richkd_loss(logits_student, logits_teacher, logits_source, alpha, temperature):
-    """(L) without its weight: T^2 * KL(softmax(z_F / T) || softmax(z_S / T)), batch mean, in fp32 (fp64 stays)."""
+def richkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, logits_source: torch.Tensor,
+                alpha: float, temperature: float) -> torch.Tensor:
+    """RichKD's logit term (L) without its weight (Mansourian et al., arXiv 2511.09286; written out):
+    T^2 * KL(softmax(z_F / T) || softmax(z_S / T)), z_F = alpha z_T + (1 - alpha) z_C, batch mean, in fp32
+    (fp64 stays).
+
+    Args:
+        logits_student: (B, C) student logits z_S.
+        logits_teacher: (B, C) task-teacher logits z_T.
+        logits_source: (B, C) second-source (CLIP zero-shot) logits z_C.
+        alpha: fusion weight of the task teacher (0.7).
+        temperature: the softmax temperature T (3).
+
+    Returns:
+        The scalar loss.
+    """
     return kd_loss(logits_student, fuse(logits_teacher, logits_source, alpha), temperature)
 
 
@@ -68,7 +81,9 @@ class FusedEmbedding(nn.Module):
 
 @register_distiller("richkd")
 class RichKD(Distiller):
-    """(L), (F) or both; in (L) alone no contrastive component is built."""
+    """RichKD, cross-modal teacher fusion (Mansourian et al., arXiv 2511.09286): `--richkd-mode` L (KD on the
+    fused logits), F (CRD against the fused embedding) or LF (both); in (L) alone no contrastive component is
+    built. Defaults: alpha 0.7, T 3, weights 3 (L) and 0.8 (F)."""
     borrowed_flags = {flag: "crd" for flag in ("crd_feat_dim", "crd_k", "crd_momentum", "crd_temperature",
                                                "crd_nce_eps")}
 

@@ -1,4 +1,5 @@
-"""RSD: Redundancy Suppression Distillation (REFERENCE.md §1).
+"""RSD: Redundancy Suppression Distillation (Zhang et al., "Cross-Architecture Distillation Made Simple with
+Redundancy Suppression", ICCV 2025, arXiv 2507.21844), with its official code's defaults.
 
 L = CE(logits_s, y) + lambda * L_rsd(h(z_s), z_t), where h is the AAD projector (discarded after
 training) and L_rsd = sum_i (C_ii - 1)^2 + kappa * sum_{i != j} C_ij^2 over the cross-correlation C
@@ -10,6 +11,8 @@ teacher logits, no AAD); `--rsd-kappa 0` (Table 3: RSD-corr only); `--rsd-no-aad
 `--rsd-branch-stage 3 4` (Table 7: plus lambda * L_rsd between the logits of OFA's stage branches and the
 teacher logits, per listed stage). RSD inside OFA (Table 6) is `--distiller ofa --ofa-criterion rsd`.
 """
+from __future__ import annotations
+
 import torch
 from torch import nn
 
@@ -24,16 +27,27 @@ from .registry import register_distiller
 STANDARDISE_EPS = 1e-5
 
 
-def standardise(x):
+def standardise(x: torch.Tensor) -> torch.Tensor:
     """Per-dimension z-score over the batch, biased std, as the official code does."""
     return (x - x.mean(dim=0)) / (x.std(dim=0, unbiased=False) + STANDARDISE_EPS)
 
 
 @fp32_loss
-def rsd_loss(student_feats, teacher_feats, kappa):
-    """Invariance term on C's diagonal plus kappa times the redundancy (off-diagonal) term; a sum.
+def rsd_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, kappa: float) -> torch.Tensor:
+    """L_rsd of the RSD paper (Zhang et al., ICCV 2025): sum_i (C_ii - 1)^2 + kappa * sum_{i != j} C_ij^2, where
+    C = t_hat^T s_hat / B is the paper's Pearson matrix P (Eq. 4) of the batch-standardised features.
 
-    Computed in fp32 (or fp64) even under autocast: C is a sum over the batch of products.
+    The invariance term on C's diagonal plus kappa times the redundancy (off-diagonal) term, a sum as the
+    official code (the paper's Algorithm 1 takes a mean instead, which only rescales lambda by D^2). Computed in
+    fp32 (or fp64) even under autocast: C is a sum over the batch of products.
+
+    Args:
+        student_feats: (B, D) AAD-projected student embeddings (or student logits).
+        teacher_feats: (B, D) teacher embeddings (or logits), the same width.
+        kappa: weight of the off-diagonal term (`--rsd-kappa`, 0.01; 0 is Table 3's RSD-corr only).
+
+    Returns:
+        The scalar loss, before lambda (`--rsd-loss-weight`).
     """
     s, t = standardise(student_feats), standardise(teacher_feats)
     corr = t.t() @ s / s.shape[0]
@@ -44,9 +58,11 @@ def rsd_loss(student_feats, teacher_feats, kappa):
 
 
 class ArchitectureAgnosticDecoupler(nn.Sequential):
-    """AAD: Linear(D_s, gamma*D_s) -> BN -> GELU -> Linear(gamma*D_s, D_t), no biases in the linears."""
+    """AAD, the RSD paper's architecture-agnostic knowledge decoupler, applied to the student embedding only and
+    discarded after training: Linear(D_s, gamma*D_s) -> BN -> GELU -> Linear(gamma*D_s, D_t), no biases in the
+    linears; Linear weights trunc-normal std 0.02, BN weight 1 and bias 0."""
 
-    def __init__(self, in_dim, out_dim, gamma=2.0):
+    def __init__(self, in_dim: int, out_dim: int, gamma: float = 2.0):
         hidden = int(round(gamma * in_dim))
         super().__init__(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(),
                          nn.Linear(hidden, out_dim, bias=False))
@@ -60,6 +76,9 @@ class ArchitectureAgnosticDecoupler(nn.Sequential):
 
 @register_distiller("rsd")
 class RSD(Distiller):
+    """RSD, Redundancy Suppression Distillation (Zhang et al., ICCV 2025): CE + lambda * L_rsd(AAD(z_s), z_t) on
+    the penultimate embeddings, no logit KD. Flags: `--rsd-loss-weight 0.1 --rsd-kappa 0.01 --rsd-gamma 2`;
+    `--rsd-target logits`, `--rsd-no-aad` and `--rsd-branch-stage` give the paper's Tables 5, 4 and 7."""
 
     @classmethod
     def feature_requests(cls, args):
@@ -98,6 +117,8 @@ class RSD(Distiller):
                             "logits (paper, Table 7)")
 
     def distill_losses(self, student_feats, teacher_feats, batch):
+        """{"rsd": lambda * L_rsd} over the global batch, plus {"rsd_stage<s>": lambda * L_rsd(branch s logits,
+        teacher logits)} for each `--rsd-branch-stage` (Table 7)."""
         if self.aad is None:
             losses = {"rsd": self.rsd_loss_weight * rsd_loss(gather_with_grad(student_feats.logits),
                                                              gather_no_grad(teacher_feats.logits), self.rsd_kappa)}

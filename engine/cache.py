@@ -1,6 +1,6 @@
 """Per-sample outputs of a frozen source, computed once over the training set and read by dataset index.
 
-RichKD's second source (a CLIP model, REFERENCE.md §6) never runs during training: tools/build_cache.py runs
+RichKD's second source (a CLIP model, arXiv 2511.09286) never runs during training: tools/build_cache.py runs
 it once over the clean training images and writes its logits and/or embeddings here; training reads the rows
 of each batch's dataset indices.
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from kdcore.errors import UserError
-from kdcore.io import atomic_write_json
 from kdcore.features import Features
+from kdcore.io import atomic_write_json
 
 FORMAT_VERSION = 1
 ARRAYS = ("logits", "embedding")

@@ -16,8 +16,9 @@ from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
-from .datasets import IndexedDataset, build_dataset, infer_dataset_kind
 from kdcore.errors import UserError
+
+from .datasets import IndexedDataset, build_dataset, infer_dataset_kind
 
 
 def resolve_data_settings(args, model, dataset):

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from timm.utils import accuracy, dispatch_clip_grad
 
 from kdcore.batch import Batch
-from .checkpoint import save_recovery
 from kdcore.distributed import all_reduce_sum, world_size
 from kdcore.errors import UserError
+
+from .checkpoint import save_recovery
 
 
 def format_seconds(seconds):
@@ -182,7 +183,8 @@ def _log_progress(run, epoch, step, steps, timed_steps, start, images_per_step, 
     terms = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
     run.log.info(f"Train: {epoch} [{step:>4d}/{steps} ({100 * step / steps:3.0f}%)]  {terms}  "
                  f"lr {lr:.3e}  {images_per_step * run.env.world_size / per_step:.1f} img/s  "
-                 f"ETA epoch {format_seconds(per_step * (steps - step))} run {format_seconds(per_step * steps_left_run)}")
+                 f"ETA epoch {format_seconds(per_step * (steps - step))} "
+                 f"run {format_seconds(per_step * steps_left_run)}")
     if run.writer is not None:
         for k, v in means.items():
             run.writer.add_scalar(f"train/{k}", v, run.progress.global_step)

@@ -7,7 +7,6 @@ from huggingface_hub.errors import EntryNotFoundError
 from timm.models import get_pretrained_cfg_value, parse_model_name
 
 import custom_model  # noqa: F401  (registers extra architectures with timm)
-
 from kdcore.errors import UserError
 
 from .weights import classifier_weight_names, extract_state_dict, in_timm_layout, read_checkpoint

@@ -21,21 +21,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from distillers import build_distiller, get_distiller_class
+from kdcore.distributed import DistEnv, init_distributed
+from kdcore.errors import UserError
+from kdcore.io import atomic_write_csv, remove_stale_temporaries
+from kdcore.precision import autocast_context, resolve_teacher_precision
 
 from .batchnorm import convert_sync_batchnorm
 from .checkpoint import restore_training_state
-from kdcore.io import atomic_write_csv, remove_stale_temporaries
 from .config import save_args_yaml
-from kdcore.distributed import DistEnv, init_distributed
-from kdcore.errors import UserError
 from .datasets import dataset_labels
-from .loop import updates_per_epoch
 from .loader import build_loaders, build_mixup, load_datasets, resolve_data_settings
+from .loop import updates_per_epoch
 from .models import RATE_FLAGS, count_parameters, create_model
-from .weights import load_weights
 from .optim import build_optimizer, resolve_lr
-from kdcore.precision import autocast_context, resolve_teacher_precision
 from .sources import FrozenSource, build_extra_sources, build_frozen_teacher, build_teacher_model
+from .weights import load_weights
 
 EVAL_METRICS = ("top1", "top5", "loss")
 # create_model arguments that have flags of their own, so --model-kwargs may not set them

@@ -7,7 +7,8 @@ from distillers import add_distiller_arguments
 from kdcore.precision import AMP_DTYPES, TEACHER_PRECISIONS, default_device
 from kdcore.sources import add_input_spec_arguments
 
-from .datasets import DATASET_KINDS
+from .datasets import dataset_names
+from .plugins import add_import_argument
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
@@ -16,8 +17,9 @@ def add_data_arguments(p):
     """Dataset and input-pipeline flags shared by train.py and validate.py."""
     g = p.add_argument_group("data")
     g.add_argument("data_dir", nargs="?", default="", help="dataset folder")
-    g.add_argument("--dataset", default="", choices=("",) + DATASET_KINDS,
-                   help="dataset kind; inferred from the folder when omitted")
+    g.add_argument("--dataset", default="", choices=("",) + dataset_names(),
+                   help="dataset kind (registered in engine/datasets/, or by an --import module); inferred from the "
+                        "folder when omitted")
     g.add_argument("--dataset-download", action="store_true", help="download CIFAR-100 if missing")
     g.add_argument("--synthetic-train-size", type=int, default=None, help="--dataset synthetic: images (512)")
     g.add_argument("--synthetic-val-size", type=int, default=None, help="--dataset synthetic: images (128)")
@@ -42,6 +44,7 @@ def build_train_parser(distiller_registry):
         description="Cross-architecture knowledge distillation (RSD, KD, ...) on timm models.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", default="", help="YAML file of argument defaults (keys are argument names)")
+    add_import_argument(p)
 
     add_data_arguments(p)
 

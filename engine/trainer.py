@@ -2,9 +2,10 @@
 import os
 import time
 
+from kdcore.io import atomic_copy, atomic_save, atomic_write_csv
+
 from .batchnorm import sync_batchnorm_stats
 from .checkpoint import gather_rng_states, training_state
-from kdcore.io import atomic_copy, atomic_save, atomic_write_csv
 from .loop import current_lr, evaluate, format_seconds, train_one_epoch
 from .run import ema_prefixes
 
@@ -82,7 +83,9 @@ def train(run):
         run.writer.close()
         teacher_top1 = f"{run.teacher_metrics['top1']:.2f}" if run.teacher_metrics else "n/a"
         student_top1 = f"{metrics['top1']:.2f}" if metrics else "n/a"
-        best = f"{progress.best_metric:.2f} @ epoch {progress.best_epoch}" if progress.best_metric is not None else "n/a"
+        best = "n/a"
+        if progress.best_metric is not None:
+            best = f"{progress.best_metric:.2f} @ epoch {progress.best_epoch}"
         log.info(f"Done: teacher top-1 {teacher_top1} | student top-1 {student_top1} (best {args.eval_metric} "
                  f"{best}) | epochs {args.epochs} | wall {format_seconds(time.time() - wall_start)} | "
                  f"output {run.folder}")

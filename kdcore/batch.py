@@ -1,6 +1,7 @@
 """What a distiller receives each training step besides the features: one `Batch`."""
+from __future__ import annotations
+
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -21,7 +22,7 @@ class Batch:
     targets: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
-    lam: Union[float, torch.Tensor] = 1.0
+    lam: float | torch.Tensor = 1.0
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.images.shape[0]

@@ -1,4 +1,6 @@
 """torch.distributed set-up for torchrun / torch.distributed.launch, and global-batch helpers."""
+from __future__ import annotations
+
 import os
 from dataclasses import dataclass
 
@@ -9,25 +11,36 @@ import torch.distributed.nn.functional as dist_nn
 
 @dataclass
 class DistEnv:
+    """Where this process stands: its global rank, the number of processes, its local rank on the node and the
+    device it computes on (a single process: rank 0 of 1)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
-    def distributed(self):
+    def distributed(self) -> bool:
+        """Whether more than one process takes part."""
         return self.world_size > 1
 
     @property
-    def is_main(self):
+    def is_main(self) -> bool:
+        """Whether this is rank 0, the process that logs and writes the run's files."""
         return self.rank == 0
 
 
-def init_distributed(device_arg, local_rank_arg=None):
+def init_distributed(device_arg: str | torch.device, local_rank_arg: int | None = None) -> DistEnv:
     """Join the process group when launched by torchrun or torch.distributed.launch.
 
     The launchers set WORLD_SIZE/RANK/LOCAL_RANK in the environment; the legacy launcher may also pass
     `--local_rank`/`--local-rank`. nccl on CUDA, gloo on CPU.
+
+    Args:
+        device_arg: the --device value ('cpu', 'cuda', ...); on CUDA each process takes the GPU of its local rank.
+        local_rank_arg: the legacy launcher's --local_rank, used when LOCAL_RANK is not in the environment.
+
+    Returns:
+        This process's `DistEnv` (rank 0 of 1, with no process group, when WORLD_SIZE is unset or 1).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
@@ -41,23 +54,29 @@ def init_distributed(device_arg, local_rank_arg=None):
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
-def world_size():
+def world_size() -> int:
     """Processes in the default group (1 when torch.distributed is not initialised)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def gather_with_grad(x):
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every process along dim 0; gradients flow back to each process's part.
 
     Every process computes the same global-batch loss, so the backward sums the identical per-process
     gradients (reduce-scatter) and DDP's averaging then yields exactly the single-process gradient.
+
+    Args:
+        x: this process's part of the batch (B_local x ...); every process must pass the same shape.
+
+    Returns:
+        The global batch (world_size * B_local x ...), in rank order; `x` itself in a single process.
     """
     if world_size() == 1:
         return x
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
-def gather_no_grad(x):
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor that needs no gradient (e.g. teacher features) from every process."""
     if world_size() == 1:
         return x
@@ -66,14 +85,14 @@ def gather_no_grad(x):
     return torch.cat(parts, dim=0)
 
 
-def all_reduce_sum(tensor):
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over processes (in place when distributed) and return it."""
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def shutdown_distributed():
+def shutdown_distributed() -> None:
     """Leave the process group once every process is done (a process exiting while the group is alive
     can abort in gloo's threads)."""
     if dist.is_available() and dist.is_initialized():

@@ -1,7 +1,9 @@
 """What a model or source hands out, found by a dry run at the real input size (no hand-written shape tables):
 the requested stages' layouts and the widths of its embedding and logits."""
+from __future__ import annotations
+
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Collection, Sequence
 
 import torch
 
@@ -12,17 +14,27 @@ from .features import FeatureRequest, embedding_dim, extract_features
 
 @dataclass(frozen=True)
 class StageInfo:
+    """One paper stage of one model, as the dry run found it."""
     stage: int               # paper stage 1-4
     kind: str                # 'cnn' or 'token' (by family: Swin is a token model)
     layout: str              # 'NCHW' or 'NLC'
     prefix_tokens: int       # class/distillation tokens in front of the patch tokens (NLC only)
-    shape: Tuple[int, ...]   # per sample: (C, H, W) or (L, D), L including the prefix tokens
+    shape: tuple[int, ...]   # per sample: (C, H, W) or (L, D), L including the prefix tokens
 
 
-def probe_stages(model, input_size, stages):
+def probe_stages(model: torch.nn.Module, input_size: int | Sequence[int],
+                 stages: Collection[int]) -> dict[int, StageInfo]:
     """{stage: StageInfo} from one image of `input_size` ((C, H, W), or an int for 3 x size x size).
 
     Runs in eval mode under no_grad, then restores every submodule's train/eval mode.
+
+    Args:
+        model: the model to probe; its family must be in the stage table (custom_forward) when `stages` is not empty.
+        input_size: (C, H, W), or a side for a 3-channel square image.
+        stages: paper stages 1-4 to probe.
+
+    Returns:
+        {paper stage: StageInfo}; empty (and nothing run) for no stages.
     """
     if not stages:
         return {}
@@ -47,12 +59,12 @@ def probe_stages(model, input_size, stages):
 class OutputInfo:
     """What a source (or the student) hands out, apart from any model: the width of its pooled embedding and of
     its logits, and {paper stage: StageInfo} of the stages requested from it."""
-    embedding_width: Optional[int] = None
-    logits_width: Optional[int] = None
-    stages: Dict[int, StageInfo] = field(default_factory=dict)
+    embedding_width: int | None = None
+    logits_width: int | None = None
+    stages: dict[int, StageInfo] = field(default_factory=dict)
 
 
-def describe_model(model, input_size, stages=()):
+def describe_model(model: torch.nn.Module, input_size: int | Sequence[int], stages: Collection[int] = ()) -> OutputInfo:
     """The `OutputInfo` of `model` at `input_size`, its `stages` found by `probe_stages`."""
     return OutputInfo(embedding_dim(model), getattr(model, "num_classes", None),
                       probe_stages(model, input_size, stages))

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +56,7 @@ def run_main(script, *args, cwd=REPO):
 
 
 def _have_fashion_mnist():
-    from engine.datasets import FASHION_MNIST_SYSTEM_DIR
+    from engine.datasets.fashion_mnist import FASHION_MNIST_SYSTEM_DIR
     return os.path.isfile(os.path.join(FASHION_MNIST_SYSTEM_DIR, "train-images-idx3-ubyte.gz"))
 
 

@@ -9,14 +9,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from distillers import DISTILLERS  # noqa: E402
-from engine.config import parse_args_with_config  # noqa: E402
-from kdcore.distributed import shutdown_distributed  # noqa: E402
-from engine.run import build_run  # noqa: E402
-from engine.train_args import build_train_parser  # noqa: E402
-from engine.trainer import train  # noqa: E402
+from distillers import DISTILLERS
+from engine.config import parse_args_with_config
+from engine.run import build_run
+from engine.train_args import build_train_parser
+from engine.trainer import train
+from kdcore.distributed import shutdown_distributed
 
 if __name__ == "__main__":
     run = build_run(parse_args_with_config(build_train_parser(DISTILLERS), sys.argv[1:]))

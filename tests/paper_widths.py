@@ -3,8 +3,10 @@ the RSD paper's custom Swin-N/P), never read from a built model: what the parame
 the presets and the distillers are checked against.
 
 EMBEDDING_WIDTHS: the pooled pre-logits width D of every student and teacher.
-STUDENT_STAGES: each student's paper stages 1-4 (REFERENCE.md §5) as (channels, grid side): a CNN's NCHW map,
-or a token model's patch grid (the prefix tokens, DeiT's class token, come on top of side * side).
+STUDENT_STAGES: each student's paper stages 1-4 (as the OFA-KD and RSD code take them: a CNN's 4 stage outputs,
+Swin's last block of each of its 4 stages, blocks 1, 3, 9, 11 of a 12-block ViT/DeiT/Mixer/ResMLP) as (channels,
+grid side): a CNN's NCHW map, or a token model's patch grid (the prefix tokens, DeiT's class token, come on top
+of side * side).
 """
 
 EMBEDDING_WIDTHS = {

@@ -12,11 +12,12 @@ import torch
 
 import tools.build_cache as build_cache_tool
 from engine.cache import CacheWriter, SourceCache, dataset_identity, mix_like_images
-from engine.datasets import dataset_labels, make_synthetic
-from kdcore.errors import UserError
+from engine.datasets import dataset_labels
+from engine.datasets.synthetic import make_synthetic
 from engine.loader import build_eval_transform, resolve_data_settings
 from engine.models import create_model
 from engine.weights import load_weights
+from kdcore.errors import UserError
 
 N, BATCH = 40, 8
 PAPER_TEMPLATES = [  # the RichKD paper's 12 prompts, written out independently of the tool
@@ -48,7 +49,8 @@ def demo_cache(tmp_path_factory, random_demo_teacher):
 
 def test_timm_source_rows_equal_a_direct_forward_on_clean_images(demo_cache, random_demo_teacher):
     dataset = make_synthetic("train", N, 10)
-    model = load_weights(create_model("convnext_demo_32", num_classes=10), random_demo_teacher, "convnext_demo_32").eval()
+    model = create_model("convnext_demo_32", num_classes=10)
+    model = load_weights(model, random_demo_teacher, "convnext_demo_32").eval()
     settings = resolve_data_settings(tool_args("unused", *demo_source_flags(random_demo_teacher)), model, dataset)
     dataset.transform = build_eval_transform(settings)
     images = torch.stack([dataset[i][0] for i in range(N)])

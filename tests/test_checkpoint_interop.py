@@ -13,21 +13,21 @@ import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import torch
+from conftest import SMALL_RUN, run_main
 from timm.layers import resample_abs_pos_embed
+from timm.optim import create_optimizer_v2
 
 import validate
-from conftest import SMALL_RUN, run_main
 from distillers import DISTILLERS, build_distiller
-from kdcore.batch import Batch
 from engine.config import parse_args_with_config
-from kdcore.errors import UserError
-from kdcore.features import FeatureRequest, extract_features
 from engine.loop import train_step
 from engine.models import create_model
 from engine.run import build_student, ground_truth_criterion
 from engine.sources import FrozenSource, build_teacher_model
 from engine.train_args import build_train_parser
-from timm.optim import create_optimizer_v2
+from kdcore.batch import Batch
+from kdcore.errors import UserError
+from kdcore.features import FeatureRequest, extract_features
 
 SOURCE, CLASSES, IMG = "test_resnet", 10, 32
 DISTILLED = "deit_tiny_distilled_patch16_224"

@@ -3,9 +3,9 @@ import re
 import pytest
 import torch
 
-from kdcore.errors import UserError
 from engine.models import create_model
 from engine.weights import load_weights
+from kdcore.errors import UserError
 
 
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])

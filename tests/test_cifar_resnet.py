@@ -6,10 +6,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from kdcore.dataset_stats import CIFAR100_MEAN, CIFAR100_STD
-from kdcore.features import FeatureRequest, extract_features
 from engine.models import count_parameters, create_model
-from kdcore.features import embedding_dim
+from kdcore.dataset_stats import CIFAR100_MEAN, CIFAR100_STD
+from kdcore.features import FeatureRequest, embedding_dim, extract_features
 
 WIDTHS = (32, 64, 128, 256)
 

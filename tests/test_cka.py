@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools.cka_metric import MinibatchCKA, hsic_unbiased, linear_gram
 from tools.cka import main as cka_main
+from tools.cka_metric import MinibatchCKA, hsic_unbiased, linear_gram
 
 
 def features(seed, shape):
@@ -31,12 +31,13 @@ def feature_space_cka(x, y):
     return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
 
 
-def u_statistic_hsic(k, l):
+def u_statistic_hsic(gram_k, gram_l):
     """Unbiased HSIC as the U-statistic over distinct index tuples (Song et al. 2012, eq. 3), by enumeration."""
+    k, m = gram_k, gram_l
     n = len(k)
-    pairs = sum(k[i, j] * l[i, j] for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
-    triples = sum(k[i, j] * l[i, q] for i, j, q in itertools.permutations(range(n), 3)) / (n * (n - 1) * (n - 2))
-    quads = sum(k[i, j] * l[q, r] for i, j, q, r in itertools.permutations(range(n), 4)) / (
+    pairs = sum(k[i, j] * m[i, j] for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
+    triples = sum(k[i, j] * m[i, q] for i, j, q in itertools.permutations(range(n), 3)) / (n * (n - 1) * (n - 2))
+    quads = sum(k[i, j] * m[q, r] for i, j, q, r in itertools.permutations(range(n), 4)) / (
         n * (n - 1) * (n - 2) * (n - 3))
     return pairs + quads - 2 * triples
 
@@ -51,8 +52,9 @@ def test_one_batch_biased_cka_is_feature_space_linear_cka():
 
 def test_unbiased_hsic_equals_the_u_statistic():
     x, y = features(2, (8, 5)), features(3, (8, 3, 2))
-    k, l = linear_gram(x), linear_gram(y)
-    assert hsic_unbiased(k, l).item() == pytest.approx(u_statistic_hsic(k.numpy(), l.numpy()), rel=1e-10)
+    gram_k, gram_l = linear_gram(x), linear_gram(y)
+    expected = u_statistic_hsic(gram_k.numpy(), gram_l.numpy())
+    assert hsic_unbiased(gram_k, gram_l).item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_minibatch_cka_is_the_ratio_of_mean_hsics():

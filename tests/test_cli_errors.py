@@ -1,9 +1,10 @@
-"""Each bad input of DESIGN.md §8: one clear message, a non-zero exit, nothing half-written."""
+"""Each bad input (unknown YAML key, model or distiller, missing or mismatched teacher checkpoint, dataset not
+found, NaN loss, ...) gets one clear message naming the input and the fix, a non-zero exit, and nothing
+half-written."""
 import os
 
 import pytest
 import torch
-
 from conftest import SMALL_RUN, run_main
 
 
@@ -140,6 +141,7 @@ def test_refused_settings(tmp_path, flags, message):
 def test_corrupt_image_names_its_path(tmp_path, monkeypatch):
     """Defect 13: a corrupt file in an ImageNet-style folder gave a PIL traceback mid-epoch."""
     import gc
+
     from PIL import Image
     # The error leaves the loader's iterator in a reference cycle (the traceback's frames); when gc collects it,
     # multiprocessing has already closed the queue that would tell the worker to stop, so torch waits this long

@@ -4,9 +4,9 @@ backend trains as the eager run of the same seed does. The other --compile tests
 import pytest
 import torch
 import torch._dynamo
+from conftest import SMALL_RUN
 from torch._dynamo.utils import counters
 
-from conftest import SMALL_RUN
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
 from engine.run import build_run, close_log

@@ -3,8 +3,8 @@ import yaml
 
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
-from kdcore.errors import UserError
 from engine.train_args import build_train_parser
+from kdcore.errors import UserError
 
 PAPER_CONFIGS = {
     "configs/cifar/cnn.yaml": dict(epochs=300, batch_size=128, lr=0.05, min_lr=1e-3, opt="sgd", weight_decay=2e-3,

@@ -9,11 +9,11 @@ from torch import nn
 
 from distillers import DISTILLERS, build_distiller
 from distillers.contrastive import class_blocks, crd_loss, draw_negatives, momentum_update, negatives_generator
-from kdcore.batch import Batch
 from engine.config import parse_args_with_config
+from engine.train_args import build_train_parser
+from kdcore.batch import Batch
 from kdcore.errors import UserError
 from kdcore.features import Features
-from engine.train_args import build_train_parser
 
 D_S, D_T, K, N_DATA, N_CLASSES = 12, 20, 40, 30, 3
 LABELS = torch.arange(N_DATA) * 7 % N_CLASSES

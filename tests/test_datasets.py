@@ -2,12 +2,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cifar_format import write_cifar100
-from engine.datasets import build_dataset, infer_dataset_kind, make_synthetic
-from kdcore.errors import UserError
+from PIL import Image
 from test_fashion_mnist import write_fake_fashion_mnist
+
+from engine.datasets import build_dataset, infer_dataset_kind
+from engine.datasets.synthetic import make_synthetic
+from kdcore.errors import UserError
 
 ARGS = SimpleNamespace(dataset_download=False, synthetic_train_size=40, synthetic_val_size=20, num_classes=None,
                        synthetic_seed=0)

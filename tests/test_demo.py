@@ -6,7 +6,6 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import REPO, run_main
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist")

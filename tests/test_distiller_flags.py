@@ -4,8 +4,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import run_main
+
 from distillers import DISTILLERS
 from distillers.rsd import RSD
 from engine.train_args import build_train_parser

@@ -1,4 +1,5 @@
-"""The distiller interface the zoo builds on (DESIGN.md, "Distiller interface").
+"""The distiller interface the zoo builds on: a distiller declares the paper stages, embeddings and logits it
+needs and receives them, with the step's `Batch`, from one forward pass per model.
 
 A small distiller written here reads paper stages 2 and 4 of both models, the pooled embeddings, the hard
 labels and the dataset indices, and trains two steps for a CNN, a DeiT, a Swin and a Mixer student against a
@@ -15,10 +16,9 @@ from torch import nn
 from distillers import DISTILLERS, Distiller, register_distiller
 from engine.config import parse_args_with_config
 from engine.datasets import ArrayImageDataset
-from kdcore.features import FeatureRequest
 from engine.loop import make_batch, train_step
-from kdcore.features import embedding_dim
 from engine.train_args import build_train_parser
+from kdcore.features import FeatureRequest, embedding_dim
 
 STAGES = (2, 4)
 N_IMAGES, N_CLASSES, MEAN, STD = 48, 6, (0.5,) * 3, (0.25,) * 3
@@ -32,7 +32,7 @@ def encoded_dataset():
     images[..., 0] = (5 * index)[:, None, None]
     images[..., 1] = (40 * labels)[:, None, None]
     images[..., 2] = 128
-    return ArrayImageDataset(images, labels, N_CLASSES, MEAN, STD, "(encoded)")
+    return ArrayImageDataset(images, labels, N_CLASSES, "(encoded)", MEAN, STD)
 
 
 def decode(images):
@@ -59,7 +59,8 @@ class InterfaceProbe(Distiller):
                 + 1e-3 * stage_term}
 
 
-# forward_intermediates indices of paper stages 1-4 (REFERENCE.md §5), written out for the test's models
+# forward_intermediates indices of paper stages 1-4 (ResNet: the 4 stage outputs after the stem; ConvNeXt and
+# Swin: the 4 stages; ViT: blocks 1, 3, 9, 11 of 12), written out for the test's models
 PAPER_STAGE_INDICES = {"ResNet": (1, 2, 3, 4), "ConvNeXt": (0, 1, 2, 3), "SwinTransformer": (0, 1, 2, 3),
                        "VisionTransformer": (1, 3, 9, 11)}
 
@@ -123,8 +124,8 @@ def test_probe_distiller_trains_two_steps(tmp_path, monkeypatch, saved_weights, 
     for mixup in ("0", "1.0"):
         argv = ["--model", student, "--teacher", teacher, "--teacher-pretrained", teacher_ckpt, "--distiller",
                 "interface_probe", "--img-size", "32", "-b", "8", "--workers", "0", "--no-aug", "--smoothing", "0",
-                "--mixup", mixup, "--teacher-precision", "fp32", "--no-eval-teacher", "--lr", "0.01", "--drop-path", "0",
-                "--output", str(tmp_path), "--experiment", f"mixup{mixup}"]
+                "--mixup", mixup, "--teacher-precision", "fp32", "--no-eval-teacher", "--lr", "0.01",
+                "--drop-path", "0", "--output", str(tmp_path), "--experiment", f"mixup{mixup}"]
         args = parse_args_with_config(build_train_parser(DISTILLERS), argv)
         run = engine.run.build_run(args)
         distiller = run.distiller
@@ -154,7 +155,8 @@ def test_probe_distiller_trains_two_steps(tmp_path, monkeypatch, saved_weights, 
                 assert torch.allclose(student_feats.stages[s].detach(), expected[0][s], atol=1e-5), f"student {s}"
                 assert torch.allclose(teacher_feats.stages[s], expected[1][s], atol=1e-5), f"teacher stage {s}"
                 assert not teacher_feats.stages[s].requires_grad
-        moved = [k for k, v in run.student.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+        moved = [k for k, v in run.student.state_dict().items()
+                 if v.is_floating_point() and not torch.equal(v, before[k])]
         assert moved, "two steps must change the student"
 
 
@@ -191,8 +193,8 @@ def expected_stages(run, images, counters, context):
 
 def test_request_merge_and_mixup_refusal(tmp_path, monkeypatch):
     """A distiller that declares no mixup support refuses mixup at start-up with a clear error."""
-    from kdcore.errors import UserError
     import engine.run
+    from kdcore.errors import UserError
 
     @register_distiller("interface_no_mixup")
     class NoMixup(Distiller):

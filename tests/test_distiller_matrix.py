@@ -16,18 +16,18 @@ import functools
 
 import pytest
 import torch
+from timm.optim import create_optimizer_v2
 
 from distillers import DISTILLERS, build_distiller
 from engine.config import parse_args_with_config
 from engine.loader import build_mixup
-from kdcore.batch import Batch
 from engine.loop import train_step
 from engine.models import create_model
-from kdcore.precision import autocast_factory
 from engine.run import ground_truth_criterion
 from engine.sources import FrozenSource, build_extra_sources
 from engine.train_args import build_train_parser
-from timm.optim import create_optimizer_v2
+from kdcore.batch import Batch
+from kdcore.precision import autocast_factory
 
 STUDENTS = {"resnet18": "resnet18", "deit_tiny": "deit_tiny_patch16_224", "swin_pico": "swin_pico_patch4_window7_224",
             "mixer_s16": "mixer_s16_224"}  # short name (in test ids) -> timm name: a CNN, a ViT, a Swin, a Mixer

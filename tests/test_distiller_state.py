@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from distillers import Distiller, build_distiller
-from kdcore.distributed import DistEnv
 from engine.run import wrap_for_training
+from kdcore.distributed import DistEnv
 
 
 class TinyStudent(nn.Module):

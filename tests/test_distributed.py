@@ -1,4 +1,5 @@
-"""DESIGN.md §4: two gloo processes with batch B/2 each give the same RSD loss and weights as one with B.
+"""Global batch under DDP: two gloo processes with batch B/2 each give the same RSD loss and weights as one
+with B (the batch statistics come from a gradient-carrying all-gather).
 
 The student is a DeiT (no BatchNorm: torch's SyncBatchNorm needs a GPU); the AAD's BatchNorm runs on the
 gathered global batch, so it must match too.
@@ -10,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 STEPS = 6

@@ -5,9 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from engine.datasets import read_fashion_mnist, read_idx_gz
+from engine.datasets.fashion_mnist import read_fashion_mnist, read_idx_gz
 from kdcore.errors import UserError
-
 
 
 def write_idx(path, array):
@@ -55,7 +54,7 @@ def test_real_fashion_mnist_counts_shapes_labels(fashion_mnist):
 
 
 def test_missing_data_names_both_ways_to_get_it(tmp_path, monkeypatch):
-    import engine.datasets as datasets
+    import engine.datasets.fashion_mnist as datasets
 
     def offline(*args, **kwargs):
         raise OSError("network unreachable")

@@ -1,4 +1,5 @@
-"""FitNets, CC and RKD (REFERENCE.md §4, §4a): each loss against a plain float64 computation of its formula
+"""FitNets (Romero et al., ICLR 2015), CC (Peng et al., ICCV 2019) and RKD (Park et al., CVPR 2019), as the
+OFA-KD and RSD code compute them: each loss against a plain float64 computation of its formula
 (loops, gradients included), their invariances, FitNets' adapters on real timm models at 32 px, and the
 global batch under DDP (two gloo processes with B/2 each give the loss of one process with B)."""
 import argparse
@@ -14,11 +15,11 @@ from distillers.correlation import correlation_loss
 from distillers.fitnet import as_map, fitnet_loss
 from distillers.rkd import rkd_loss
 from engine.config import parse_args_with_config
+from engine.models import create_model
+from engine.train_args import build_train_parser
 from kdcore.errors import UserError
 from kdcore.features import Features, extract_features
-from engine.models import create_model
 from kdcore.stages import StageInfo
-from engine.train_args import build_train_parser
 
 
 def parse(*argv):

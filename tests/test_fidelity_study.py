@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import timm
 import torch
-
 from conftest import run_cli
+
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
-from engine.datasets import make_synthetic
-from kdcore.features import FeatureRequest, extract_features
+from engine.datasets.synthetic import make_synthetic
 from engine.run import build_run
 from engine.train_args import build_train_parser
+from kdcore.features import FeatureRequest, extract_features
 from tools import fidelity_study as study
 
 TINY_BUDGET_S = 120  # the limit for the tiny mode in the test suite

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models import create_model
+from engine.sources import FrozenSource, build_frozen_teacher
 from kdcore.errors import UserError
 from kdcore.features import FeatureRequest, extract_features
-from engine.models import create_model
 from kdcore.precision import autocast_context, resolve_teacher_precision
-from engine.sources import FrozenSource, build_frozen_teacher
 from kdcore.sources import InputSpec
 
 CPU = torch.device("cpu")
@@ -78,7 +78,8 @@ def test_predict_scores_the_remapped_batch():
         expected = model(teacher_view)
     assert logits.dtype == torch.float32 and logits.shape == (2, 10)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(source.of_images(normalised(raw, STUDENT).float()).logits, expected, rtol=1e-4, atol=1e-4)
+    logits_of_images = source.of_images(normalised(raw, STUDENT).float()).logits
+    torch.testing.assert_close(logits_of_images, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_build_frozen_teacher_reads_the_teacher_flags():

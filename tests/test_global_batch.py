@@ -1,6 +1,7 @@
 """Batch-statistics losses over the global batch: 2 gloo processes with B/2 each give the same distillation
-loss (as logged: the mean over processes) and the same weights after two SGD steps as 1 process fed the same global batch in the gathered order
-(rank 0's half, then rank 1's), to 1e-5; CRD's memory banks equal the 1-process banks on both ranks.
+loss (as logged: the mean over processes) and the same weights after two SGD steps as 1 process fed the same global
+batch in the gathered order (rank 0's half, then rank 1's), to 1e-5; CRD's memory banks equal the 1-process banks on
+both ranks.
 
 The student is BatchNorm-free (DeiT), so nothing but the loss couples the samples of a batch.
 """
@@ -10,13 +11,13 @@ import pytest
 import torch
 
 from distillers import DISTILLERS, build_distiller
-from kdcore.batch import Batch
-from kdcore.distributed import DistEnv
 from engine.loop import train_step
 from engine.models import create_model
 from engine.run import wrap_for_training
 from engine.sources import FrozenSource
 from engine.train_args import build_train_parser
+from kdcore.batch import Batch
+from kdcore.distributed import DistEnv
 
 CLASSES, IMG, GLOBAL_BATCH, STEPS, DATASET = 5, 32, 8, 2, 40
 METHODS = ("correlation", "crd", "dist", "rkd")  # the loss term of each is named as the method

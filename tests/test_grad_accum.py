@@ -4,12 +4,12 @@ import torch
 
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
-from kdcore.distributed import DistEnv
-from kdcore.errors import UserError
 from engine.loop import accumulation_groups, updates_per_epoch
 from engine.run import build_run, check_arguments
 from engine.train_args import build_train_parser
 from engine.trainer import train
+from kdcore.distributed import DistEnv
+from kdcore.errors import UserError
 
 # A BatchNorm-free student (LayerNorm only), so a micro-batch's statistics cannot differ from the batch's;
 # augmentation on, since each sample's augmentation must not depend on how samples are grouped into batches.

@@ -1,4 +1,6 @@
-"""KD and BKD (REFERENCE.md §4, §4a) against float64 computations of their formulas, gradients included."""
+"""KD (Hinton et al., 2015: T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean) and BKD (the OFA-KD/RSD code's
+BCE-with-logits of the student logits against the teacher's softmax) against float64 computations of their
+formulas, gradients included."""
 import pytest
 import torch
 

@@ -1,4 +1,6 @@
-"""DKD and DIST (REFERENCE.md §4, §4a) against float64 computations of their formulas written out per sample
+"""DKD (Zhao et al., CVPR 2022) and DIST (Huang et al., NeurIPS 2022), with the official code's details (DKD's
+-1000 mask after dividing by T, DIST's eps 1e-8), against float64 computations of their formulas written out per
+sample
 and per class, gradients included; the logit distillers' flags and wiring; DKD under mixup through a Batch;
 DIST over the global batch under DDP (two gloo processes with B/2 each give the loss of one process with B)."""
 import pytest
@@ -10,10 +12,10 @@ from distillers.dist import dist_loss
 from distillers.dkd import dkd_loss
 from distillers.kd import kd_loss
 from engine.config import parse_args_with_config
-from kdcore.features import Features
 from engine.loader import build_mixup
 from engine.loop import make_batch
 from engine.train_args import build_train_parser
+from kdcore.features import Features
 
 CLASSES = 10
 
@@ -99,7 +101,8 @@ def test_dkd_mixup_targets_reduce_to_the_dominant_class():
 # ---- DIST ------------------------------------------------------------------------------------------------
 
 def pearson(u, v, eps=1e-8):
-    """torch.corrcoef's Pearson, with §4a's eps on the product of the centred norms (n * biased stds)."""
+    """torch.corrcoef's Pearson, with the official DIST code's eps (1e-8) on the product of the centred norms
+    (n * biased stds)."""
     norms = len(u) * u.std(unbiased=False) * v.std(unbiased=False)
     return torch.corrcoef(torch.stack([u, v]))[0, 1] * norms / (norms + eps)
 

@@ -5,9 +5,8 @@ import torch
 
 from distillers import build_distiller
 from distillers.rsd import RSD
-from kdcore.features import FeatureRequest, extract_features
 from engine.models import create_model
-from kdcore.features import embedding_dim
+from kdcore.features import FeatureRequest, embedding_dim, extract_features
 
 FAMILIES = ["resnet18", "mobilenetv2_100", "deit_tiny_patch16_224", "swin_pico_patch4_window7_224",
             "convnext_atto", "mixer_s32_224", "resmlp_12_224"]

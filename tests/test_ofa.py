@@ -1,5 +1,6 @@
-"""OFA (REFERENCE.md §4, §4a): ofa_loss against the formula computed another way, the --ofa-eps rule, the
-stage branches by student family (prefix tokens, small grids) and the Figure 3 parameter overhead."""
+"""OFA (Hao et al., NeurIPS 2023, as its official code computes it): ofa_loss against the formula computed
+another way, the --ofa-eps rule, the stage branches by student family (prefix tokens, small grids) and the RSD
+paper's (ICCV 2025) Figure 3 parameter overhead."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,13 +9,13 @@ from torch import nn
 from distillers import DISTILLERS, build_distiller
 from distillers.branches import SepConv, TokenBranch
 from distillers.ofa import ofa_loss, stage_eps
-from kdcore.batch import Batch
 from engine.config import parse_args_with_config
+from engine.models import create_model
+from engine.train_args import build_train_parser
+from kdcore.batch import Batch
 from kdcore.errors import UserError
 from kdcore.features import Features, extract_features
-from engine.models import create_model
-from kdcore.stages import StageInfo, probe_stages
-from engine.train_args import build_train_parser
+from kdcore.stages import StageInfo
 
 
 def reference_ofa(student, teacher, labels, eps, temperature):

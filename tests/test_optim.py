@@ -7,9 +7,9 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torch import nn
 
 from distillers import DISTILLERS, Distiller, build_distiller
-from kdcore.errors import UserError
 from engine.optim import build_optimizer
 from engine.train_args import build_train_parser
+from kdcore.errors import UserError
 
 DEPTH = 4
 LR, WD = 1e-3, 0.05

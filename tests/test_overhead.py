@@ -4,6 +4,7 @@ import os
 
 from conftest import REPO
 from paper_widths import EMBEDDING_WIDTHS, STUDENT_KINDS, STUDENT_STAGES
+
 from tools import overhead
 
 SWIN_NANO = "configs/presets/imagenet/convnext_tiny-swin_nano.yaml"
@@ -11,7 +12,8 @@ RESNET18 = "configs/presets/cifar100/swin_tiny-resnet18.yaml"
 
 
 def test_figure_3_counts_table_and_json(tmp_path, capsys):
-    """Swin-N <- ConvNeXt-T at 1000 classes and ResNet18 <- Swin-T at 100 (REFERENCE.md §2)."""
+    """The RSD paper's (ICCV 2025) Figure 3 counts: Swin-N <- ConvNeXt-T at 1000 classes and ResNet18 <- Swin-T
+    at 100."""
     out = tmp_path / "overhead.json"
     overhead.main([os.path.join(REPO, SWIN_NANO), os.path.join(REPO, RESNET18), "--json", str(out)])
     rows = {row["preset"]: row for row in json.loads(out.read_text())}

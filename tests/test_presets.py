@@ -11,9 +11,10 @@ import types
 import pytest
 import torch
 import yaml
-
 from cifar_format import write_cifar100
 from conftest import REPO
+from paper_widths import EMBEDDING_WIDTHS
+
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
 from engine.loader import build_mixup
@@ -22,7 +23,6 @@ from engine.models import create_model
 from engine.run import build_distiller_for, build_student
 from engine.sources import FrozenSource
 from engine.train_args import build_train_parser
-from paper_widths import EMBEDDING_WIDTHS
 from tools import overhead
 
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "vit_small": "vit_small_patch16_224",
@@ -168,7 +168,8 @@ def test_train_sh_without_a_config_still_runs_the_default_pair(tmp_path):
 
 @pytest.mark.slow
 def test_seed_command_with_ofa_runs_on_two_processes(tmp_path, saved_weights):
-    """REFERENCE.md §3's OFA seed command, as written, on a generated CIFAR-100 folder: 2 gloo processes."""
+    """The OFA command line users paste from the OFA-KD/RSD code (torch.distributed.launch --nproc_per_node=2
+    train.py ... --distiller ofa --ofa-eps 1.0), as written, on a generated CIFAR-100 folder: 2 gloo processes."""
     data = write_cifar100(tmp_path / "cifar100", n_train=8, n_test=4)
     teacher_ckpt = saved_weights("swin_tiny_patch4_window7_224", num_classes=100, img_size=224)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")

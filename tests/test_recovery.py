@@ -5,7 +5,6 @@ are kept. The reference and killed runs (tests/runs.py) are trained once per ses
 import re
 
 import pytest
-
 import runs
 
 

@@ -1,8 +1,7 @@
-"""DESIGN.md §7: a run SIGKILLed mid-epoch and resumed from its last epoch-end checkpoint (last.pth.tar) ends
-with the weights, EMA, distiller state and summary of the uninterrupted reference run, bit for bit, with one
-and with two processes. The reference and killed runs (tests/runs.py) are trained once per session."""
+"""Checkpoints are complete: a run SIGKILLed mid-epoch and resumed from its last epoch-end checkpoint
+(last.pth.tar) ends with the weights, EMA, distiller state and summary of the uninterrupted reference run, bit for
+bit, with one and with two processes. The reference and killed runs (tests/runs.py) are trained once per session."""
 import pytest
-
 import runs
 
 

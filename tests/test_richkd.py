@@ -13,13 +13,13 @@ from torch import nn
 from distillers import DISTILLERS, build_distiller
 from distillers.contrastive import class_blocks, draw_negatives, negatives_generator
 from distillers.richkd import SECOND_SOURCE, fuse, fused_embedding, richkd_loss
-from kdcore.batch import Batch
 from engine.cache import CacheWriter, dataset_identity
 from engine.config import parse_args_with_config
 from engine.sources import build_extra_sources
+from engine.train_args import build_train_parser
+from kdcore.batch import Batch
 from kdcore.errors import UserError
 from kdcore.features import Features
-from engine.train_args import build_train_parser
 
 D_S, D_T, D_C, K, N_DATA, N_CLASSES, FEAT = 12, 20, 16, 40, 30, 3, 8
 LABELS = torch.arange(N_DATA) * 7 % N_CLASSES
@@ -156,8 +156,8 @@ def test_feature_and_logit_terms_match_an_independent_float64_computation(tmp_pa
     for a, b in zip(ours, ref):
         assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-6)
     # the teacher bank moves towards the fused embedding (CRD's update, momentum 0.5)
-    assert torch.allclose(richkd.contrast.memory_teacher[index].double(), unit(0.5 * bank_t[index] + 0.5 * fused.detach()),
-                          atol=1e-6)
+    moved_bank = unit(0.5 * bank_t[index] + 0.5 * fused.detach())
+    assert torch.allclose(richkd.contrast.memory_teacher[index].double(), moved_bank, atol=1e-6)
 
     expected_logit = 3.0 * reference_logit_term(student.logits, teacher.logits, rows["logits"][index], 0.7, 3.0)
     assert torch.allclose(losses["richkd_logit"].double(), expected_logit, rtol=1e-6)

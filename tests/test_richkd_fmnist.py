@@ -12,20 +12,19 @@ evaluation stays short.
 import os
 
 import pytest
+import runs
 import torch
+from test_fashion_mnist import write_idx
 
 import tools.build_cache as build_cache_tool
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
-from engine.datasets import FASHION_MNIST_FILES, FASHION_MNIST_SYSTEM_DIR, read_idx_gz
-from kdcore.errors import UserError
+from engine.datasets.fashion_mnist import FASHION_MNIST_FILES, FASHION_MNIST_SYSTEM_DIR, read_idx_gz
 from engine.loop import make_batch, train_step
 from engine.models import create_model
 from engine.run import build_run
 from engine.train_args import build_train_parser
-
-import runs
-from test_fashion_mnist import write_idx
+from kdcore.errors import UserError
 
 SUBSET, BATCH = 160, 16  # 10 steps an epoch for the killed-and-resumed run
 VAL_IMAGES = 64

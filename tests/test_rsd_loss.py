@@ -1,4 +1,5 @@
-"""rsd_loss against an independent computation of REFERENCE.md §1 via torch.corrcoef."""
+"""rsd_loss against an independent computation, via torch.corrcoef, of the RSD loss (ICCV 2025, Eq. 4, as its
+official code sums it): sum_i (C_ii - 1)^2 + kappa * sum_{i != j} C_ij^2, C the batch Pearson matrix."""
 import pytest
 import torch
 
@@ -67,7 +68,8 @@ def test_loss_is_sum_not_mean():
 def test_aad_parameter_counts(d_s, d_t, gamma, expected):
     """Linear(D_s, g*D_s) + BN(g*D_s) weight and bias + Linear(g*D_s, D_t): the paper's Figure 3 overhead."""
     aad = ArchitectureAgnosticDecoupler(d_s, d_t, gamma)
-    assert sum(p.numel() for p in aad.parameters()) == expected == d_s * gamma * d_s + 2 * gamma * d_s + gamma * d_s * d_t
+    by_formula = d_s * gamma * d_s + 2 * gamma * d_s + gamma * d_s * d_t
+    assert sum(p.numel() for p in aad.parameters()) == expected == by_formula
 
 
 def test_aad_init():

@@ -1,4 +1,4 @@
-"""The RSD paper's variants (REFERENCE.md §1), each one flag away: every loss term equals rsd_loss applied to
+"""The RSD paper's (ICCV 2025) variants of Tables 3-7, each one flag away: every loss term equals rsd_loss applied to
 the right tensors, each variant trains (bf16, mixup), and its statistics are over the global batch."""
 import os
 import socket
@@ -10,13 +10,12 @@ import torch.multiprocessing as mp
 
 from distillers import DISTILLERS, build_distiller
 from distillers.rsd import rsd_loss
-from kdcore.batch import Batch
 from engine.config import parse_args_with_config
-from kdcore.features import Features
 from engine.models import create_model
-from kdcore.features import embedding_dim
-from kdcore.stages import probe_stages
 from engine.train_args import build_train_parser
+from kdcore.batch import Batch
+from kdcore.features import Features, embedding_dim
+from kdcore.stages import probe_stages
 
 B, CLASSES = 8, 10
 
@@ -145,7 +144,7 @@ def _global_batch_worker(rank, world, port):
 @pytest.mark.slow
 def test_variants_use_the_global_batch_under_ddp():
     """RSD statistics of the logits, branch and in-OFA variants come from the all-gathered batch, so two
-    processes with B/2 each match one with B (DESIGN.md §4)."""
+    processes with B/2 each match one with B."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

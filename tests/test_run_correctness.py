@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 import yaml
-
 from conftest import SMALL_RUN, run_main
 
 BN_RUN = [*SMALL_RUN, "--model", "resnet18", "--warmup-epochs", "0"]
@@ -29,9 +28,9 @@ def summary_rows(folder):
 
 def test_evaluation_changes_no_buffer_and_keeps_the_mode():
     """Defect 1: evaluation ran the student in train mode, so BatchNorm statistics moved on validation data."""
-    from kdcore.distributed import DistEnv
     from engine.loop import evaluate
     from engine.models import create_model
+    from kdcore.distributed import DistEnv
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=10, img_size=32).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -132,6 +131,7 @@ def test_summary_has_one_row_per_epoch_after_a_crash_between_summary_and_checkpo
 def test_atomic_writes_sync_the_folder(tmp_path, monkeypatch):
     """Defect 9: after the rename the folder entry itself must reach the disk, for the best copies too."""
     import stat
+
     from kdcore import io as atomic_io
     synced = []
     real_fsync = os.fsync

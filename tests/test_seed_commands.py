@@ -1,4 +1,5 @@
-"""The paper's command lines (REFERENCE.md §3) run as written on a generated CIFAR-100 folder."""
+"""The RSD paper's command lines (its code's torch.distributed.launch train.py line and validate.py line) run as
+written on a generated CIFAR-100 folder."""
 import json
 import os
 import subprocess
@@ -6,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from cifar_format import write_cifar100
 from conftest import REPO, run_main
 

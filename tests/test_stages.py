@@ -1,16 +1,16 @@
 """Paper-stage features: the family table, the dry-run probe, one forward per extraction, request merging.
 
-Expected shapes and indices are written from the architecture definitions (REFERENCE facts), not read
-back from the code under test.
+Expected shapes and indices are written from the architecture definitions (each model's published widths and
+strides, and the OFA-KD/RSD code's stage choices), not read back from the code under test.
 """
 import pytest
 import torch
 from torch import nn
 
 from custom_forward import family_for, scaled_block_indices
+from engine.models import create_model
 from kdcore.errors import UserError
 from kdcore.features import FeatureRequest, Features, extract_features
-from engine.models import create_model
 from kdcore.stages import StageInfo, probe_stages
 
 

@@ -4,12 +4,12 @@ import os
 import pytest
 import torch
 
-from engine.datasets import read_fashion_mnist
-from kdcore.features import FeatureRequest
+from engine.datasets.fashion_mnist import read_fashion_mnist
 from engine.loader import build_eval_transform, resolve_data_settings
 from engine.models import create_model
-from engine.weights import load_weights
 from engine.sources import FrozenSource
+from engine.weights import load_weights
+from kdcore.features import FeatureRequest
 
 DEMO_TEACHER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pretrained", "convnext_demo_32_fmnist.pth")
 EMBEDDING = FeatureRequest(logits=False, embedding=True)

@@ -8,21 +8,21 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import SMALL_RUN
 from timm.data.loader import PrefetchLoader
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from conftest import SMALL_RUN
 from distillers import DISTILLERS
 from engine.checkpoint import read_training_checkpoint
 from engine.config import parse_args_with_config, resumed_arguments
-from kdcore.distributed import DistEnv
-from kdcore.errors import UserError
 from engine.loader import MixupWithLabels, build_loaders, load_datasets, resolve_data_settings, uses_prefetcher
 from engine.optim import resolve_lr
 from engine.run import build_emas, build_run, build_student, check_arguments
 from engine.train_args import build_train_parser
 from engine.trainer import train
+from kdcore.distributed import DistEnv
+from kdcore.errors import UserError
 
 CLASSES, SMOOTHING = 10, 0.1
 # one step per epoch, the smallest timm ViT (BatchNorm-free, so a batch of 8 is enough)

@@ -3,8 +3,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import SMALL_RUN, run_main
+
 from distillers.base import Distiller
 from engine.sources import FrozenSource
 
@@ -114,13 +114,15 @@ def test_bf16_step_agrees_with_fp32(seen):
     the loss within 2% and the weight update within 10% (relative norm of the difference). Both really ran in
     bf16: the autocast inside the student step, the teacher's own logits inside the source."""
     from types import SimpleNamespace
+
+    from timm.optim import create_optimizer_v2
+
     from distillers import build_distiller
-    from kdcore.batch import Batch
-    from kdcore.features import FeatureRequest
     from engine.loop import train_step
     from engine.models import create_model
+    from kdcore.batch import Batch
+    from kdcore.features import FeatureRequest
     from kdcore.precision import autocast_factory
-    from timm.optim import create_optimizer_v2
 
     torch.manual_seed(0)
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))

@@ -12,25 +12,20 @@ parameters. Teachers are randomly initialised: speed does not depend on their we
 import argparse
 import contextlib
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
+from timm.optim import create_optimizer_v2
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from distillers import DISTILLERS, build_distiller  # noqa: E402
-from kdcore.batch import Batch  # noqa: E402
-from engine.loop import train_step  # noqa: E402
-from engine.models import count_parameters, create_model  # noqa: E402
-from kdcore.precision import AMP_DTYPES, TEACHER_PRECISIONS, autocast_context, default_device  # noqa: E402
-from kdcore.precision import resolve_teacher_precision  # noqa: E402
-from tools.machine import cpu_model_name  # noqa: E402
-from engine.sources import FrozenSource  # noqa: E402
-from engine.train_args import build_train_parser  # noqa: E402
-from timm.optim import create_optimizer_v2  # noqa: E402
+from distillers import DISTILLERS, build_distiller
+from engine.loop import train_step
+from engine.models import count_parameters, create_model
+from engine.sources import FrozenSource
+from engine.train_args import build_train_parser
+from kdcore.batch import Batch
+from kdcore.precision import AMP_DTYPES, TEACHER_PRECISIONS, autocast_context, default_device, resolve_teacher_precision
+from tools.machine import cpu_model_name
 
 GRAD_CONTEXTS = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}
 
@@ -206,7 +201,8 @@ def main(argv=None):
               f"amp {opts.amp_dtype if opts.amp else 'off'}, channels_last {opts.channels_last}, "
               f"compile {opts.compile}, median of {opts.steps} interleaved steps after {opts.warmup} warm-up")
     print(header)
-    print(f"{'distiller':<10} {'s/step':>8} {'img/s':>8} {'x vanilla':>10} {'peak MB':>9} {'student':>12} {'extra':>11}")
+    print(f"{'distiller':<10} {'s/step':>8} {'img/s':>8} {'x vanilla':>10} {'peak MB':>9} {'student':>12} "
+          f"{'extra':>11}")
     for r in results:
         print(f"{r['distiller']:<10} {r['s_per_step']:>8.3f} {r['img_per_s']:>8.1f} {r['x_vanilla']:>10.2f} "
               f"{r['peak_memory_mb']:>9.0f} {r['student_params']:>12,} {r['extra_params']:>11,}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run a frozen source once over a training set and cache its per-sample outputs, for RichKD (REFERENCE.md §6).
+"""Run a frozen source once over a training set and cache its per-sample outputs, for RichKD's second source.
 
     python tools/build_cache.py data/cifar100 --dataset cifar100 --source clip:ViT-L-14-quickgelu \
         --weights pretrained/clip_vit_large_patch14_openai.bin --output cache/cifar100_clip_vit_l14
@@ -26,26 +26,23 @@ bar shows the ETA; an interrupted run continues where it stopped when started ag
 """
 import argparse
 import os
-import pickle
-import sys
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.cache import ARRAYS, CacheWriter, dataset_identity  # noqa: E402
-from engine.datasets import _cifar100_dir, build_dataset, dataset_labels, infer_dataset_kind  # noqa: E402
-from kdcore.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
-from kdcore.features import FeatureRequest, Features  # noqa: E402
-from engine.loader import build_eval_transform, resolve_data_settings  # noqa: E402
-from engine.models import create_model  # noqa: E402
-from kdcore.features import embedding_dim  # noqa: E402
-from engine.weights import load_weights  # noqa: E402
-from kdcore.precision import TEACHER_DTYPES, autocast_factory, default_device, resolve_teacher_precision  # noqa: E402
-from engine.sources import FrozenSource  # noqa: E402
-from engine.train_args import add_data_arguments  # noqa: E402
+from engine.cache import ARRAYS, CacheWriter, dataset_identity
+from engine.datasets import build_dataset, dataset_class_names, dataset_labels, infer_dataset_kind
+from engine.loader import build_eval_transform, resolve_data_settings
+from engine.models import create_model
+from engine.plugins import add_import_argument, import_modules_of_command_line
+from engine.sources import FrozenSource
+from engine.train_args import add_data_arguments
+from engine.weights import load_weights
+from kdcore.errors import UserError, exit_cleanly_on_user_error
+from kdcore.features import FeatureRequest, Features, embedding_dim
+from kdcore.io import file_sha256
+from kdcore.precision import TEACHER_DTYPES, autocast_factory, default_device, resolve_teacher_precision
 
 CLIP_PREFIX = "clip:"
 # The RichKD paper's 12 prompt templates (its code's cache script), without a trailing period.
@@ -55,13 +52,12 @@ TEMPLATES = (
     "a sketch of a {}", "a natural photo of a {} in the wild", "a realistic image of a {}",
     "a high quality photo of a {}",
 )
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(p)
+    add_import_argument(p)
     p.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
     p.add_argument("--source", required=True, help="timm model name, or clip:NAME for an open_clip model")
     p.add_argument("--weights", required=True, help="the source's weights file (local; nothing is downloaded)")
@@ -75,22 +71,20 @@ def build_parser():
 
 
 def class_names(args, kind, dataset):
-    """The dataset's class names in label order: --class-names, else the dataset's own."""
+    """The dataset's class names in label order: --class-names, else those its registered kind gives; a kind
+    without readable names (ImageNet-style folders, named by ids) falls back to its folder names or class indices,
+    which CLIP's prompts cannot use."""
     if args.class_names:
         with open(args.class_names) as f:
             names = [line.strip() for line in f if line.strip()]
-    elif kind == "cifar100":
-        with open(os.path.join(_cifar100_dir(args.data_dir), "meta"), "rb") as f:
-            names = pickle.load(f, encoding="latin1")["fine_label_names"]
-    elif kind == "fashion_mnist":
-        names = list(FASHION_MNIST_CLASSES)
-    elif kind == "imagenet":
-        if args.source.startswith(CLIP_PREFIX):
-            raise UserError("ImageNet-style folders are named by ids, not words: pass --class-names FILE (one "
-                            "readable name per line, in the folders' sorted order) for CLIP's prompts")
-        names = list(dataset.classes)
     else:
-        names = [f"class {i}" for i in range(dataset.num_classes)]
+        names = dataset_class_names(kind, args.data_dir, dataset)
+    if names is None:
+        if args.source.startswith(CLIP_PREFIX):
+            raise UserError(f"the {kind} dataset has no readable class names (ImageNet-style folders are named by "
+                            f"ids): pass --class-names FILE (one readable name per line, in label order, i.e. the "
+                            f"folders' sorted order) for CLIP's prompts")
+        names = getattr(dataset, "classes", None) or [f"class {i}" for i in range(dataset.num_classes)]
     if len(names) != dataset.num_classes:
         raise UserError(f"{len(names)} class names for {dataset.num_classes} classes; fix --class-names")
     return names
@@ -100,7 +94,7 @@ class ClipZeroShot:
     """open_clip zero-shot classifier: `of_images(images) -> Features(logits, embedding)`, as FrozenSource's.
 
     Class embedding: normalise(mean over templates of normalise(text embedding of the prompt)); logits: the
-    cosine between the normalised image embedding and each class embedding (REFERENCE.md §6).
+    cosine between the normalised image embedding and each class embedding, without CLIP's logit scale.
     """
 
     def __init__(self, model, tokenizer, names, device, autocast):
@@ -162,7 +156,8 @@ def build_source(args, names, dataset, device):
     else:
         source, transform, widths = build_timm_source(args, dataset, args.num_classes or dataset.num_classes,
                                                       device, precision)
-    description = {"name": args.source, "weights": os.path.abspath(args.weights), "precision": precision,
+    description = {"name": args.source, "weights": os.path.basename(args.weights),
+                   "weights_sha256": file_sha256(args.weights), "precision": precision,
                    "preprocess": repr(transform)}
     if args.source.startswith(CLIP_PREFIX):
         description["templates"] = list(TEMPLATES)
@@ -190,6 +185,7 @@ def build_cache(args):
 
 @exit_cleanly_on_user_error
 def main(argv=None):
+    import_modules_of_command_line(argv)  # before the parser: their datasets are valid --dataset choices
     path = build_cache(build_parser().parse_args(argv))
     print(f"cache written: {path}")
 

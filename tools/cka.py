@@ -20,28 +20,24 @@ training checkpoint records; plain state dicts need --student and, for data othe
 import argparse
 import json
 import os
-import sys
 
-import matplotlib
 import torch
+from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from custom_forward import family_for, stage_features
+from engine.datasets import ClassBalancedSubset, build_dataset
+from engine.loader import build_eval_transform, resolve_data_settings
+from engine.models import create_model
+from engine.plugins import add_import_argument, import_modules_of_command_line
+from engine.train_args import add_data_arguments
+from engine.weights import load_weights, read_checkpoint, recorded_args
+from kdcore.errors import UserError, exit_cleanly_on_user_error
+from kdcore.features import PAPER_STAGES
+from kdcore.io import atomic_write, atomic_write_text, file_sha256
+from tools.cka_metric import MinibatchCKA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from custom_forward import family_for, stage_features  # noqa: E402
-from tools.cka_metric import MinibatchCKA  # noqa: E402
-from kdcore.io import atomic_write, atomic_write_text  # noqa: E402
-from engine.datasets import ClassBalancedSubset, build_dataset  # noqa: E402
-from kdcore.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
-from kdcore.features import PAPER_STAGES  # noqa: E402
-from engine.loader import build_eval_transform, resolve_data_settings  # noqa: E402
-from engine.models import create_model  # noqa: E402
-from engine.weights import load_weights, read_checkpoint, recorded_args  # noqa: E402
-from engine.train_args import add_data_arguments  # noqa: E402
 
 RECORDED_DATA_KEYS = ("data_dir", "dataset", "num_classes", "img_size", "mean", "std", "crop_pct", "interpolation",
                       "synthetic_train_size", "synthetic_val_size", "synthetic_seed")
@@ -50,6 +46,7 @@ RECORDED_DATA_KEYS = ("data_dir", "dataset", "num_classes", "img_size", "mean", 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(p)
+    add_import_argument(p)
     p.set_defaults(batch_size=100, workers=1)
     p.add_argument("--teacher", required=True, help="timm model name of the teacher")
     p.add_argument("--teacher-checkpoint", required=True, help="the teacher's weights")
@@ -126,6 +123,15 @@ def validation_batches(args, dataset, model):
     return DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=True, num_workers=args.workers)
 
 
+def portable_path(path, folder):
+    """`path` as the results record it, never absolute: relative to the repo when inside it, else relative to
+    `folder` (where the JSON is written, e.g. the study's output folder holding the runs)."""
+    path = os.path.abspath(path)
+    if os.path.commonpath([path, REPO]) == REPO:
+        return os.path.relpath(path, REPO)
+    return os.path.relpath(path, os.path.abspath(folder))
+
+
 def compute(args):
     """The CKA matrices of every student against the teacher, with their layer names (a JSON-ready dict)."""
     checkpoints = [read_checkpoint(path) for path in args.student_checkpoint]
@@ -145,11 +151,14 @@ def compute(args):
             for accumulator, named in zip(accumulators, student_named):
                 accumulator.update([t for _, t in teacher_named], [t for _, t in named])
             seen += len(images)
+    folder = os.path.dirname(os.path.abspath(args.json or args.output))
     return {
-        "teacher": args.teacher, "teacher_checkpoint": args.teacher_checkpoint,
+        "teacher": args.teacher, "teacher_checkpoint": portable_path(args.teacher_checkpoint, folder),
+        "teacher_sha256": file_sha256(args.teacher_checkpoint),
         "teacher_layers": [name for name, _ in teacher_named], "images": seen,
         "minibatches": accumulators[0].batches, "estimator": args.estimator, "layers": args.layers,
-        "students": [{"label": label, "model": name, "checkpoint": path, "layers": [n for n, _ in named],
+        "students": [{"label": label, "model": name, "checkpoint": portable_path(path, folder),
+                      "sha256": file_sha256(path), "layers": [n for n, _ in named],
                       "cka": accumulator.value().tolist()}
                      for (label, name, _), path, named, accumulator in zip(students, args.student_checkpoint,
                                                                            student_named, accumulators)]}
@@ -159,8 +168,8 @@ def plot_heatmaps(result, path):
     """One panel per student, teacher layers down, student layers across, one colour scale (0 to 1)."""
     students, rows = result["students"], result["teacher_layers"]
     widths = [len(s["layers"]) for s in students]
-    fig, axes = plt.subplots(1, len(students), squeeze=False, gridspec_kw={"width_ratios": widths},
-                             figsize=(1.2 + 0.55 * sum(widths) + 0.8 * len(students), 1.6 + 0.5 * len(rows)))
+    fig = Figure(figsize=(1.2 + 0.55 * sum(widths) + 0.8 * len(students), 1.6 + 0.5 * len(rows)))
+    axes = fig.subplots(1, len(students), squeeze=False, gridspec_kw={"width_ratios": widths})
     for ax, student in zip(axes[0], students):
         image = ax.imshow(student["cka"], vmin=0.0, vmax=1.0, cmap="magma", aspect="auto")
         for i, row in enumerate(student["cka"]):
@@ -175,11 +184,11 @@ def plot_heatmaps(result, path):
                  fontsize=10)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130, bbox_inches="tight"))
-    plt.close(fig)
 
 
 @exit_cleanly_on_user_error
 def main(argv=None):
+    import_modules_of_command_line(argv)  # before the parser: their datasets are valid --dataset choices
     args = build_parser().parse_args(argv)
     result = compute(args)
     plot_heatmaps(result, args.output)

@@ -30,11 +30,11 @@ def hsic_unbiased(gram_x, gram_y):
     n = gram_x.shape[0]
     if n < 4:
         raise ValueError(f"the unbiased HSIC estimator needs at least 4 examples per minibatch, got {n}")
-    k = gram_x - torch.diag(torch.diagonal(gram_x))
-    l = gram_y - torch.diag(torch.diagonal(gram_y))
-    trace = (k * l).sum()  # tr(K~ L~), both symmetric
-    sums = k.sum() * l.sum() / ((n - 1) * (n - 2))
-    cross = 2.0 / (n - 2) * (k.sum(0) @ l.sum(1))  # 1' K~ L~ 1
+    k_tilde = gram_x - torch.diag(torch.diagonal(gram_x))
+    l_tilde = gram_y - torch.diag(torch.diagonal(gram_y))
+    trace = (k_tilde * l_tilde).sum()  # tr(K~ L~), both symmetric
+    sums = k_tilde.sum() * l_tilde.sum() / ((n - 1) * (n - 2))
+    cross = 2.0 / (n - 2) * (k_tilde.sum(0) @ l_tilde.sum(1))  # 1' K~ L~ 1
     return (trace + sums - cross) / (n * (n - 3))
 
 
@@ -60,9 +60,9 @@ class MinibatchCKA:
     def update(self, rows, cols):
         row_grams = [linear_gram(x) for x in rows]
         col_grams = [linear_gram(y) for y in cols]
-        cross = torch.stack([torch.stack([self.hsic(k, l) for l in col_grams]) for k in row_grams])
-        row_self = torch.stack([self.hsic(k, k) for k in row_grams])
-        col_self = torch.stack([self.hsic(l, l) for l in col_grams])
+        cross = torch.stack([torch.stack([self.hsic(row, col) for col in col_grams]) for row in row_grams])
+        row_self = torch.stack([self.hsic(row, row) for row in row_grams])
+        col_self = torch.stack([self.hsic(col, col) for col in col_grams])
         if self.batches == 0:
             self.cross, self.row_self, self.col_self = cross, row_self, col_self
         else:

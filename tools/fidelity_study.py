@@ -30,25 +30,21 @@ import subprocess
 import sys
 import time
 
-import matplotlib
 import timm
 import yaml
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import custom_model  # noqa: F401  (registers the demo students with timm before --students is checked)
+from distillers import DISTILLERS
+from engine.config import load_config
+from engine.loop import format_seconds
+from engine.train_args import build_train_parser
+from kdcore.errors import UserError, exit_cleanly_on_user_error
+from kdcore.io import atomic_write, atomic_write_csv, atomic_write_text
+from tools.cka import main as cka_main
+from tools.machine import cpu_model_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import custom_model  # noqa: E402,F401  (registers the demo students with timm before --students is checked)
-from distillers import DISTILLERS  # noqa: E402
-from kdcore.io import atomic_write, atomic_write_csv, atomic_write_text  # noqa: E402
-from engine.config import load_config  # noqa: E402
-from kdcore.errors import UserError, exit_cleanly_on_user_error  # noqa: E402
-from engine.loop import format_seconds  # noqa: E402
-from tools.machine import cpu_model_name  # noqa: E402
-from engine.train_args import build_train_parser  # noqa: E402
-from tools.cka import main as cka_main  # noqa: E402
 
 METHODS = {"scratch": "vanilla", "kd": "kd", "dkd": "dkd", "dist": "dist", "fitnet": "fitnet", "crd": "crd",
            "ofa": "ofa", "rsd": "rsd"}  # study name -> --distiller, in the table's order
@@ -237,7 +233,8 @@ def plot_top1(rows, path):
     methods, pairs = ordered(rows)
     stats = summarise(rows, "last_top1")
     panel_width = max(3.0, 0.7 * len(methods))
-    fig, axes = plt.subplots(1, len(pairs), squeeze=False, sharey=True, figsize=(1.0 + panel_width * len(pairs), 3.8))
+    fig = Figure(figsize=(1.0 + panel_width * len(pairs), 3.8))
+    axes = fig.subplots(1, len(pairs), squeeze=False, sharey=True)
     for ax, pair in zip(axes[0], pairs):
         for x, method in enumerate(methods):
             if (method, pair) not in stats:
@@ -254,7 +251,6 @@ def plot_top1(rows, path):
     fig.suptitle("mean ± std over seeds (grey: each seed)", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130))
-    plt.close(fig)
 
 
 def aggregate(out):

@@ -13,17 +13,15 @@ import argparse
 import glob
 import json
 import os
-import sys
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from distillers import DISTILLERS, build_distiller
+from engine.config import parse_args_with_config
+from engine.models import count_parameters, create_model
+from engine.train_args import build_train_parser
 
-from distillers import DISTILLERS, build_distiller  # noqa: E402
-from engine.config import parse_args_with_config  # noqa: E402
-from engine.models import count_parameters, create_model  # noqa: E402
-from engine.train_args import build_train_parser  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IMG_SIZE = 224
 # column -> the flags that select it on top of a preset

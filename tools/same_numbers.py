@@ -64,9 +64,11 @@ def hooked(*a, **k):
     if mode == "dump":
         torch.save(distiller.extra_state_dict(), path)
     else:
-        sys.path.insert(0, {tools!r})
-        from same_numbers import mapped
-        distiller.load_extra_state_dict(mapped(torch.load(path), {case!r}))
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("same_numbers", {this_file!r})
+        same_numbers = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(same_numbers)
+        distiller.load_extra_state_dict(same_numbers.mapped(torch.load(path), {case!r}))
     return distiller
 run.build_distiller_for = hooked
 sys.argv[0] = "train.py"
@@ -126,7 +128,7 @@ def run_cases(args):
                     mode, initial = "load", os.path.join(os.path.abspath(args.initial_from), "runs",
                                                           experiment + ".initial.pt")
                 os.makedirs(folder, exist_ok=True)
-                hook = HOOK.replace("{tools!r}", repr(os.path.dirname(os.path.abspath(__file__)))).replace(
+                hook = HOOK.replace("{this_file!r}", repr(os.path.abspath(__file__))).replace(
                     "{case!r}", repr(name))
                 prefix = [sys.executable, "-c", hook, mode, initial]
             start = time.time()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the repo needs on a fresh machine: the Python packages (pinned by constraints.txt) and,
-# when run as root, Fashion-MNIST from its Debian package. Safe to run again: it skips what is present.
+# Installs what the repo needs on a fresh machine: the Python packages (pinned by constraints.txt), the repo itself
+# as an editable package and, when run as root, Fashion-MNIST from its Debian package. Safe to run again: it skips
+# what is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,6 +15,18 @@ PY
 then
     echo "[setup] installing Python packages (requirements.txt, pinned by constraints.txt)"
     "$PYTHON" -m pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
+fi
+
+# The repo itself, installed editable so that `python tools/X.py` imports its packages without path edits. An
+# editable install points the environment at one clone: install again when `engine` resolves to another clone.
+CLONE=$(pwd -P)
+INSTALLED=$(cd / && "$PYTHON" -c 'import importlib.util as u; s = u.find_spec("engine"); print(s.origin if s else "")' \
+            2>/dev/null || true)
+if [ "$INSTALLED" != "$CLONE/engine/__init__.py" ]; then
+    echo "[setup] installing this clone ($CLONE) as an editable package${INSTALLED:+ (was: ${INSTALLED%/engine/__init__.py})}"
+    ISOLATION=--no-build-isolation  # setuptools present: build offline with it
+    "$PYTHON" -c "import setuptools" 2>/dev/null || ISOLATION=
+    "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps $ISOLATION -e .
 fi
 
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

@@ -1,0 +1,96 @@
+"""Dataset building blocks every kind shares: in-memory images, index-yielding and class-balanced wrappers.
+
+Every kind yields `(PIL image, int label)`, so all go through the same timm transform pipeline. `IndexedDataset`
+adds each sample's dataset index, which the training loader hands to distillers (memory banks, caches keyed by
+sample).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from kdcore.errors import UserError
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as a uint8 array (N,H,W) or (N,H,W,3), served as RGB PIL images."""
+
+    def __init__(self, images, labels, num_classes, source, mean=None, std=None):
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.num_classes, self.mean, self.std = num_classes, mean, std
+        self.source = source  # where it was read from, for the start-up report
+        self.transform = None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.images[index]).convert("RGB")
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[index])
+
+
+class IndexedDataset(Dataset):
+    """Yields `(image, label, index)`: a dataset's samples with their position in it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+class ClassBalancedSubset(Dataset):
+    """A fixed subset of a training set holding the same number of images of every class.
+
+    The subset depends only on (size, selection seed), never on the run's --seed, so runs that differ in seed
+    train on the same images; dataset indices are positions in the subset (caches are built on it alike).
+    """
+
+    def __init__(self, dataset, size, seed=0):
+        labels = dataset_labels(dataset)
+        num_classes = dataset.num_classes
+        if not 0 < size <= len(labels):
+            raise UserError(f"--train-subset {size} must lie between 1 and the training set's {len(labels)} images")
+        generator = torch.Generator().manual_seed(seed)
+        chosen = []
+        for cls in range(num_classes):  # the first (size % classes) classes take one image more
+            wanted = size // num_classes + (1 if cls < size % num_classes else 0)
+            members = torch.nonzero(labels == cls).flatten()
+            if len(members) < wanted:
+                raise UserError(f"--train-subset {size} needs {wanted} images of class {cls}, the training set has "
+                                f"{len(members)}; lower --train-subset")
+            chosen.append(members[torch.randperm(len(members), generator=generator)[:wanted]])
+        self.indices = torch.sort(torch.cat(chosen)).values
+        self.dataset, self.labels = dataset, labels[self.indices].numpy()
+        self.num_classes, self.mean, self.std = num_classes, dataset.mean, dataset.std
+        self.source = f"{dataset.source}, class-balanced subset of {size} (selection seed {seed})"
+        if hasattr(dataset, "classes"):
+            self.classes = dataset.classes
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform):
+        self.dataset.transform = transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[int(self.indices[index])]
+
+
+def dataset_labels(dataset):
+    """The class of every sample, by dataset index, as an int64 tensor (without reading any image)."""
+    labels = dataset.labels if hasattr(dataset, "labels") else dataset.targets  # ours / torchvision's ImageFolder
+    return torch.as_tensor(np.asarray(labels), dtype=torch.int64)
