@@ -43,15 +43,7 @@ def bkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, tempera
 
     The OFA-KD code applies no temperature (it is this at T = 1, the --kd-temperature default); with T != 1 both
     sides are softened by T and the T^2 factor keeps the gradient scale of KD. The minimum over the student
-    logits is at s / T = logit(p_t).
-
-    Args:
-        logits_student: (B, C) student logits s.
-        logits_teacher: (B, C) teacher logits t.
-        temperature: the softmax temperature T.
-
-    Returns:
-        The scalar loss, computed in fp32 (fp64 stays fp64).
+    logits is at s / T = logit(p_t). Arguments and result as for `kd_loss`.
     """
     s = logits_student / temperature
     p_t = F.softmax(logits_teacher.to(s.dtype) / temperature, dim=1)
