@@ -6,6 +6,8 @@ Elsewhere the workers normalise, as torchvision's pipeline does. Mixup/CutMix ru
 normalised images (mixing commutes with the per-channel normalisation, so this equals mixing the raw images).
 """
 import contextlib
+import multiprocessing
+import multiprocessing.forkserver
 import random
 
 import numpy as np
@@ -29,6 +31,23 @@ def resolve_data_settings(args, model, dataset):
     if args.img_size:
         overrides["input_size"] = (3, args.img_size, args.img_size)
     return resolve_data_config(overrides, model=model)
+
+
+def worker_processes(workers):
+    """DataLoader keyword arguments for `workers` worker processes, started by a fork server.
+
+    A worker forked straight from a training process copies the locks its other threads hold at that instant
+    (TensorBoard's writer, the queues' feeder threads, gloo's), and a copied lock that was held is never released:
+    the worker hangs before its first sample, and the run with it (seen in CI, in the evaluation loader of a resumed
+    2-process run). The fork server is a single-threaded process, started once per process with torch, timm and
+    this module imported, so the workers it forks start clean and fast. It is started here, when the loaders are
+    built, so that its imports overlap with building the models."""
+    if workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return dict(num_workers=workers)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])  # read once, when the server starts
+    multiprocessing.forkserver.ensure_running()
+    return dict(num_workers=workers, multiprocessing_context=context)
 
 
 def uses_prefetcher(device):
@@ -160,7 +179,7 @@ def build_loaders(args, env, train_set, val_set, data_config, prefetch=None):
     # Augmentations are seeded per sample (ResumableSampler). The loaders get their own generator for the
     # worker base seed they draw at each epoch, so starting an epoch never advances the global RNG that a
     # checkpoint restores (mixup, dropout and distillers draw from it).
-    common = dict(num_workers=args.workers, pin_memory=env.device.type == "cuda")
+    common = dict(**worker_processes(args.workers), pin_memory=env.device.type == "cuda")
     train_loader = DataLoader(SeededSamples(IndexedDataset(train_set)), batch_size=args.batch_size,
                               sampler=ResumableSampler(train_sampler, args.seed, env.rank), drop_last=True,
                               collate_fn=_collate_label_and_index if prefetch else None,
@@ -185,7 +204,7 @@ def build_eval_loader(dataset, data_config, batch_size, workers, device, sampler
     `prefetch`) through timm's PrefetchLoader, normalised on the device."""
     prefetch = uses_prefetcher(device) if prefetch is None else prefetch
     dataset.transform = build_eval_transform(data_config, prefetch)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, **worker_processes(workers),
                         pin_memory=torch.device(device).type == "cuda", collate_fn=fast_collate if prefetch else None,
                         generator=torch.Generator())
     return PrefetchLoader(loader, **_normalisation(data_config, device)) if prefetch else loader

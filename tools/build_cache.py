@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from engine.cache import ARRAYS, CacheWriter, dataset_identity
 from engine.datasets import build_dataset, dataset_class_names, dataset_labels, infer_dataset_kind
-from engine.loader import build_eval_transform, resolve_data_settings
+from engine.loader import build_eval_transform, resolve_data_settings, worker_processes
 from engine.models import create_model
 from engine.plugins import add_import_argument, import_modules_of_command_line
 from engine.sources import FrozenSource
@@ -174,7 +174,7 @@ def build_cache(args):
     writer = CacheWriter(args.output, dataset_identity(dataset_labels(dataset), names), description, widths)
     dataset.transform = transform
     loader = DataLoader(Subset(dataset, range(writer.done, len(dataset))), batch_size=args.batch_size,
-                        shuffle=False, num_workers=args.workers)
+                        shuffle=False, **worker_processes(args.workers))
     with tqdm(total=len(dataset), initial=writer.done, unit="img", desc=f"caching {args.source}") as bar:
         for images, _ in loader:
             features = source.of_images(images.to(device))

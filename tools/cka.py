@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from custom_forward import family_for, stage_features
 from engine.datasets import ClassBalancedSubset, build_dataset
-from engine.loader import build_eval_transform, resolve_data_settings
+from engine.loader import build_eval_transform, resolve_data_settings, worker_processes
 from engine.models import create_model
 from engine.plugins import add_import_argument, import_modules_of_command_line
 from engine.train_args import add_data_arguments
@@ -120,7 +120,8 @@ def validation_batches(args, dataset, model):
     subset = ClassBalancedSubset(dataset, args.images)
     subset.transform = build_eval_transform(resolve_data_settings(args, model, dataset))
     # drop_last: every minibatch holds batch_size images, so each HSIC estimate has the same weight
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=True, num_workers=args.workers)
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=True,
+                      **worker_processes(args.workers))
 
 
 def portable_path(path, folder):
