@@ -149,9 +149,9 @@ class SourceCache:
         return Features(logits=rows_of.get("logits"), embedding=rows_of.get("embedding"))
 
 
-def mix_like_images(x, lam):
-    """Rows mixed as timm's Mixup mixes the images: lam * x + (1 - lam) * x.flip(0), `lam` the weight of the
-    row itself (a float, or a (B, 1) tensor in timm's per-element modes)."""
+def mix_rows(rows, partner_rows, lam):
+    """Rows mixed as their images were: lam * row + (1 - lam) * partner_row, `lam` the weight of the row's own
+    image (a float, or a (B, 1) tensor)."""
     if isinstance(lam, float) and lam == 1.0:
-        return x
-    return lam * x + (1 - lam) * x.flip(0)
+        return rows
+    return lam * rows + (1 - lam) * partner_rows

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from timm.utils import accuracy, dispatch_clip_grad
 
-from kdcore.batch import Batch
 from kdcore.distributed import all_reduce_sum, world_size
 from kdcore.errors import UserError
 
 from .checkpoint import save_recovery
+from .views import batch_of
 
 
 def format_seconds(seconds):
@@ -98,16 +98,12 @@ def train_step(model, teacher, optimizer, batch, *, autocast, scaler=None, clip_
 
 
 def make_batch(images, labels, index, device, mixup=None, channels_last=False):
-    """Move one loader batch to the device, apply mixup/cutmix, and package it for the distiller."""
-    images = images.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
-    index = index.to(device, non_blocking=True)
-    targets, lam = labels, 1.0
-    if mixup is not None:
-        images, targets, labels, lam = mixup(images, labels)
+    """A `Batch` of already normalised images on `device`, mixed by timm's batch Mixup if given (the training
+    loop builds its batches from the loader's views with `BatchBuilder`)."""
+    batch = batch_of(images.to(device), labels.to(device), index.to(device), mixup)
     if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return Batch(images=images, targets=targets, labels=labels, index=index, lam=lam)
+        batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 def updates_per_epoch(micro_batches, accum_steps):
@@ -144,10 +140,10 @@ def train_one_epoch(run, epoch, start_step=0, start_losses=None):
     tracker = LossTracker(**(start_losses or {}))
     step, start = start_step, time.time()
     params = [p for p in run.distiller.parameters() if p.requires_grad]
-    for (images, labels, index), position, group_size in accumulation_groups(loader, accum):
+    for views, position, group_size in accumulation_groups(loader, accum):
         if position == 0:
             run.optimizer.zero_grad(set_to_none=True)
-        batch = make_batch(images, labels, index, env.device, run.mixup, args.channels_last)
+        batch = run.batches(views)
         closes_group = position == group_size - 1
         with run.model.no_sync() if env.distributed and not closes_group else contextlib.nullcontext():
             loss, losses = forward_backward(run.model, run.teacher, batch, autocast=run.autocast,

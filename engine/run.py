@@ -30,11 +30,12 @@ from .batchnorm import convert_sync_batchnorm
 from .checkpoint import restore_training_state
 from .config import save_args_yaml
 from .datasets import dataset_labels
-from .loader import build_loaders, build_mixup, load_datasets, resolve_data_settings
+from .loader import build_batch_builder, build_loaders, load_datasets, mixes, resolve_data_settings
 from .loop import updates_per_epoch
 from .models import RATE_FLAGS, count_parameters, create_model
 from .optim import build_optimizer, resolve_lr
 from .sources import FrozenSource, build_extra_sources, build_frozen_teacher, build_teacher_model
+from .views import BatchBuilder
 from .weights import load_weights
 
 EVAL_METRICS = ("top1", "top5", "loss")
@@ -81,7 +82,7 @@ class Run:
     scheduler: Any
     scaler: Optional[torch.amp.GradScaler]
     emas: List[ModelEmaV3]
-    mixup: Optional[Callable]
+    batches: BatchBuilder  # the loader's views to the distiller's Batch: normalised, erased, mixed
     autocast: Callable  # context factory for the student step
     folder: str
     log: logging.Logger
@@ -133,10 +134,11 @@ def check_arguments(args, env):
                         f"PATH, or use --distiller vanilla")
 
 
-def ground_truth_criterion(args, mixup):
+def ground_truth_criterion(args):
     if args.bce_loss:
-        return BinaryCrossEntropy(smoothing=0.0 if mixup else args.smoothing, target_threshold=args.bce_target_thresh)
-    if mixup is not None:
+        return BinaryCrossEntropy(smoothing=0.0 if mixes(args) else args.smoothing,
+                                  target_threshold=args.bce_target_thresh)
+    if mixes(args):
         return SoftTargetCrossEntropy()  # mixup already smooths the targets
     if args.smoothing:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
@@ -170,18 +172,18 @@ def build_data(args, env, student, train_set, val_set, kind):
                 train_labels=dataset_labels(train_set))
 
 
-def check_mixup(args, mixup):
-    if mixup is not None and not get_distiller_class(args.distiller).supports_mixup:
+def check_mixup(args):
+    if mixes(args) and not get_distiller_class(args.distiller).supports_mixup:
         raise UserError(f"--distiller {args.distiller} does not support mixup/cutmix; set --mixup 0 --cutmix 0")
 
 
-def build_distiller_for(args, env, student, teacher_model, sources, data, mixup):
+def build_distiller_for(args, env, student, teacher_model, sources, data):
     """The distiller, built knowing the requested stages' shapes (a dry run at the real input sizes)."""
     student_size = data.config["input_size"]
     teacher_size = (3, args.teacher_img_size, args.teacher_img_size) if args.teacher_img_size else student_size
     return build_distiller(args, student, input_size=student_size, teacher=teacher_model,
                            teacher_input_size=teacher_size, sources=sources,
-                           gt_criterion=ground_truth_criterion(args, mixup), dataset_size=data.train_size,
+                           gt_criterion=ground_truth_criterion(args), dataset_size=data.train_size,
                            train_labels=data.train_labels, world_size=env.world_size)
 
 
@@ -260,11 +262,11 @@ def build_run(args, checkpoint=None):
     student = build_student(args)
     teacher_model = build_teacher_model(args, args.num_classes, input_size(args))
     data = build_data(args, env, student, train_set, val_set, kind)
-    mixup = build_mixup(args, args.num_classes)
-    check_mixup(args, mixup)
+    batches = build_batch_builder(args, data.config, args.num_classes)
+    check_mixup(args)
     distiller_cls = get_distiller_class(args.distiller)
     sources = build_extra_sources(args, distiller_cls, data.train_labels, data.config, env.device)
-    distiller = build_distiller_for(args, env, student, teacher_model, sources, data, mixup)
+    distiller = build_distiller_for(args, env, student, teacher_model, sources, data)
 
     if args.channels_last:
         student.to(memory_format=torch.channels_last)
@@ -293,7 +295,7 @@ def build_run(args, checkpoint=None):
         save_args_yaml(args, os.path.join(folder, "args.yaml"))
     run = Run(args=args, env=env, data=data, student=student, distiller=distiller, model=model, teacher=teacher,
               sources=sources,
-              optimizer=optimizer, scheduler=scheduler, scaler=scaler, emas=emas, mixup=mixup, autocast=autocast,
+              optimizer=optimizer, scheduler=scheduler, scaler=scaler, emas=emas, batches=batches, autocast=autocast,
               folder=folder, log=make_logger(folder, env.is_main))
     report_startup(run, precision_reason if args.teacher else "", lr_origin)
     if checkpoint is not None:

@@ -17,7 +17,7 @@ from kdcore.precision import TEACHER_DTYPES, autocast_factory, resolve_teacher_p
 from kdcore.sources import InputSpec
 from kdcore.stages import OutputInfo, describe_model
 
-from .cache import SourceCache, mix_like_images
+from .cache import SourceCache, mix_rows
 from .models import create_model
 from .weights import load_weights
 
@@ -127,8 +127,8 @@ def build_teacher_model(args, num_classes, img_size):
 
 class CachedSource:
     """A source read from a cache (tools/build_cache.py): the rows of the batch's dataset indices, mixed as the
-    images were (lam * row_i + (1 - lam) * row_{B-1-i}, timm's pairing), standing in for the source's output on
-    the mixed image, which was never computed."""
+    images were (lam * row + (1 - lam) * the row of `Batch.partner_index`: the mirror in the batch, or the
+    sample's own partner), standing in for the source's output on the mixed image, which was never computed."""
 
     def __init__(self, cache):
         self.cache = cache
@@ -142,7 +142,11 @@ class CachedSource:
 
     def __call__(self, batch):
         rows = self.cache.lookup(batch.index)
-        return Features(*(None if x is None else mix_like_images(x, batch.lam) for x in (rows.logits, rows.embedding)))
+        if batch.partner_index is None:
+            return rows
+        partners = self.cache.lookup(batch.partner_index)
+        return Features(*(None if x is None else mix_rows(x, p, batch.lam)
+                          for x, p in ((rows.logits, partners.logits), (rows.embedding, partners.embedding))))
 
 
 def build_extra_source(args, spec, distiller_name, train_labels, student_data_config, device):

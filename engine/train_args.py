@@ -131,7 +131,12 @@ def build_train_parser(distiller_registry):
     g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
     g.add_argument("--mixup-prob", type=float, default=1.0)
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
-    g.add_argument("--mixup-mode", default="batch")
+    g.add_argument("--mixup-mode", default="batch", help="--mixup-pairing batch: one lambda per batch (batch), "
+                   "per pair (pair) or per image (elem), as timm")
+    g.add_argument("--mixup-pairing", choices=("batch", "sample"), default="batch",
+                   help="batch: timm's Mixup, each image mixed with its mirror in the process's batch (the paper's "
+                   "recipe); sample: each image's partner, lambda, mode and box drawn from (seed, epoch, index), "
+                   "the same for any process count and batch size (the partner's view is decoded a second time)")
     g.add_argument("--mixup-off-epoch", type=int, default=0, metavar="N",
                    help="no mixup/cutmix from epoch N on (labels stay smoothed); 0 = mix every epoch")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")

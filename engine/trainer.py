@@ -19,9 +19,11 @@ def improves(value, best, metric):
 
 def switch_off_mixup(run, epoch):
     """timm's --mixup-off-epoch: from that epoch on, batches are not mixed (lam 1); the mixup function still
-    turns labels into (smoothed) one-hot targets, so the ground-truth loss stays the same function."""
-    if run.mixup is not None and run.args.mixup_off_epoch and epoch >= run.args.mixup_off_epoch:
-        run.mixup.mixup_enabled = False
+    turns labels into (smoothed) one-hot targets, so the ground-truth loss stays the same function. (Sample-paired
+    mixing stops by itself: the loader's views know their epoch.)"""
+    mixup = run.batches.batch_mixup
+    if mixup is not None and run.args.mixup_off_epoch and epoch >= run.args.mixup_off_epoch:
+        mixup.mixup_enabled = False
 
 
 def evaluate_epoch(run):

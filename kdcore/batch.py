@@ -16,13 +16,16 @@ class Batch:
       target, as the reference code reduces soft targets).
     - `index`: each image's index in the training dataset (memory banks, caches keyed by sample).
     - `lam`: the mixup/cutmix weight of the image itself (1.0 without mixup; a (B, 1) tensor in timm's
-      per-element modes).
+      per-element modes and under `--mixup-pairing sample`).
+    - `partner_index`: the dataset index of the image each one was mixed with (None when nothing was mixed): its
+      mirror in the batch (`--mixup-pairing batch`), or its own partner (`--mixup-pairing sample`).
     """
     images: torch.Tensor
     targets: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
     lam: float | torch.Tensor = 1.0
+    partner_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -1,8 +1,9 @@
 """Real training processes for the fault tests: the uninterrupted reference runs (one and two processes) that
 conftest.py trains once per session, and the means to SIGKILL a run mid-epoch and resume it.
 
-Each reference turns on every RNG stream and counter a resume must restore: augmentation in a loader worker,
-mixup (numpy's RNG), stochastic depth (torch's), an EMA, a per-update lr schedule, the teacher's evaluation at
+Each reference turns on every RNG stream and counter a resume must restore: augmentation in a loader worker
+(RandAugment and random erasing included), timm's batch mixup (numpy's RNG) on one process and sample-paired
+Mixup/CutMix on two, stochastic depth (torch's), an EMA, a per-update lr schedule, the teacher's evaluation at
 start-up, and recovery checkpoints (--recovery-interval) to resume from mid-epoch. The one-process run
 distils a token student (test_vit) with CRD (memory banks, normaliser and a step counter that seeds its
 negatives); the two-process run a BatchNorm CNN student (test_resnet) with RSD over the gathered global batch
@@ -23,7 +24,7 @@ from engine.checkpoint import recovery_position
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 COMMON = ["--dataset", "synthetic", "--img-size", "32", "--workers", "1", "--synthetic-val-size", "16",
-          "--log-interval", "1", "--epochs", "3",
+          "--log-interval", "1", "--epochs", "3", "--aa", "rand-m7-mstd0.5", "--reprob", "0.25",
           "--teacher-precision", "fp32", "--drop-path", "0.1", "--mixup", "0.5", "--model-ema", "--model-ema-decay",
           "0.9", "--sched-on-updates", "--warmup-epochs", "0", "--lr", "0.02", "--seed", "3", "--checkpoint-hist", "2"]
 # A token student (stochastic depth per block) with CRD; 64 images / batch 8: 8 updates an epoch; recovery
@@ -33,7 +34,8 @@ ONE_PROCESS = [*COMMON, "--model", "test_vit", "--teacher", "test_resnet", "-b",
 # A BatchNorm CNN student with RSD; 96 images / (2 processes x 4) = 12 micro-batches, 6 updates an epoch; recovery
 # checkpoints every 2 updates.
 TWO_PROCESSES = [*COMMON, "--model", "test_resnet", "--teacher", "test_vit", "-b", "4", "--grad-accum-steps", "2",
-                 "--synthetic-train-size", "96", "--distiller", "rsd", "--recovery-interval", "2"]
+                 "--synthetic-train-size", "96", "--distiller", "rsd", "--recovery-interval", "2",
+                 "--mixup-pairing", "sample", "--cutmix", "1.0"]
 TEACHERS = {1: "test_resnet", 2: "test_vit"}
 STEPS_PER_EPOCH = {1: 8, 2: 6}
 RECOVERY_INTERVAL = {1: 3, 2: 2}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tools.build_cache as build_cache_tool
-from engine.cache import CacheWriter, SourceCache, dataset_identity, mix_like_images
+from engine.cache import CacheWriter, SourceCache, dataset_identity, mix_rows
 from engine.datasets import dataset_labels
 from engine.datasets.synthetic import make_synthetic
 from engine.loader import build_eval_transform, resolve_data_settings
@@ -133,15 +133,16 @@ def test_existing_output_and_foreign_partial_build_are_refused(tmp_path, demo_ca
     assert torch.equal(cache.lookup(torch.tensor([2, 0])).logits, torch.tensor([[3.0, 3.0], [1.0, 1.0]]))
 
 
-def test_cached_rows_are_mixed_like_timm_mixes_the_images():
-    """Image i is mixed with image B-1-i; lam is one float (batch mode) or one per image (elem/pair modes)."""
+def test_cached_rows_are_mixed_with_their_partners_rows():
+    """lam is one float (timm's batch mode) or one per image (its elem/pair modes, sample pairing)."""
     x = torch.arange(12, dtype=torch.float64).view(4, 3)
+    partner = torch.tensor([2, 0, 3, 1])
     per_image = [0.9, 0.2, 0.2, 0.9]
-    expected = torch.stack([0.3 * x[i] + 0.7 * x[3 - i] for i in range(4)])
-    assert torch.allclose(mix_like_images(x, 0.3), expected)
-    expected = torch.stack([per_image[i] * x[i] + (1 - per_image[i]) * x[3 - i] for i in range(4)])
-    assert torch.allclose(mix_like_images(x, torch.tensor(per_image, dtype=torch.float64)[:, None]), expected)
-    assert mix_like_images(x, 1.0) is x
+    expected = torch.stack([0.3 * x[i] + 0.7 * x[partner[i]] for i in range(4)])
+    assert torch.allclose(mix_rows(x, x[partner], 0.3), expected)
+    expected = torch.stack([per_image[i] * x[i] + (1 - per_image[i]) * x[partner[i]] for i in range(4)])
+    assert torch.allclose(mix_rows(x, x[partner], torch.tensor(per_image, dtype=torch.float64)[:, None]), expected)
+    assert mix_rows(x, x[partner], 1.0) is x
 
 
 @pytest.fixture(scope="module")

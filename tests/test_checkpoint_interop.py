@@ -132,7 +132,7 @@ def train_two_steps(distiller_name, student, teacher_model):
     args = parse("--distiller", distiller_name, "--teacher", SOURCE, "--smoothing", "0", "-b", "4")
     args.num_classes = CLASSES
     distiller = build_distiller(args, student, input_size=IMG, teacher=teacher_model,
-                                gt_criterion=ground_truth_criterion(args, None), dataset_size=8,
+                                gt_criterion=ground_truth_criterion(args), dataset_size=8,
                                 train_labels=torch.arange(8) % CLASSES).train()
     teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu")
     optimizer = create_optimizer_v2(distiller, opt="sgd", lr=0.1, momentum=0.9)

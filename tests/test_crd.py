@@ -228,7 +228,7 @@ def test_crd_on_fashion_mnist(tmp_path, fashion_mnist):
     steps of train.py's own run (built by its build steps) with the shipped demo teacher."""
     from distillers import DISTILLERS
     from engine.config import parse_args_with_config
-    from engine.loop import make_batch, train_step
+    from engine.loop import train_step
     from engine.run import build_run
     from engine.train_args import build_train_parser
     args = parse_args_with_config(build_train_parser(DISTILLERS), [
@@ -242,8 +242,7 @@ def test_crd_on_fashion_mnist(tmp_path, fashion_mnist):
     loader = iter(run.data.train_loader)
     run.model.train()
     for _ in range(3):
-        images, labels, index = next(loader)
-        batch = make_batch(images, labels, index, run.env.device)
+        batch = run.batches(next(loader))
         loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast,
                                   sources=run.sources)
         assert torch.isfinite(loss) and losses["crd"] > 0

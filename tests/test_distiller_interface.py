@@ -16,8 +16,9 @@ from torch import nn
 from distillers import DISTILLERS, Distiller, register_distiller
 from engine.config import parse_args_with_config
 from engine.datasets import ArrayImageDataset
-from engine.loop import make_batch, train_step
+from engine.loop import train_step
 from engine.train_args import build_train_parser
+from engine.views import normalise
 from kdcore.features import FeatureRequest, embedding_dim
 
 STAGES = (2, 4)
@@ -140,8 +141,7 @@ def test_probe_distiller_trains_two_steps(tmp_path, monkeypatch, saved_weights, 
         run.model.train()
         loader = iter(run.data.train_loader)
         for step in range(2):
-            images, labels, index = next(loader)
-            batch = make_batch(images, labels, index, run.env.device, run.mixup)
+            batch = run.batches(next(loader))
             expected = expected_stages(run, batch.images, counters, context)  # before the step moves the weights
             loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast,
                                       sources=run.sources)
@@ -170,7 +170,7 @@ def check_batch(batch, dataset, mixup_on):
         return
     # Mixed: every image is lam x itself + (1 - lam) x its mirror in the batch, as dataset[index] predicts.
     lam = float(batch.lam)
-    clean = torch.stack([dataset[i][0] for i in index.tolist()])
+    clean = normalise(torch.stack([dataset[i][0] for i in index.tolist()]), MEAN, STD)  # the uint8 training views
     assert torch.allclose(batch.images.cpu(), lam * clean + (1 - lam) * clean.flip(0), atol=1e-5)
     dominant = expected_labels if lam >= 0.5 else expected_labels.flip(0)
     differ = expected_labels != expected_labels.flip(0)

@@ -110,7 +110,7 @@ def run_two_steps(name, student_name, teacher_name, mixup, bf16, flags=()):
     data_config = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "input_size": (3, IMG, IMG)}
     sources = build_extra_sources(args, DISTILLERS[name], labels, data_config, "cpu")
     distiller = build_distiller(args, student, input_size=(3, IMG, IMG), teacher=teacher_model, sources=sources,
-                                gt_criterion=ground_truth_criterion(args, mix), dataset_size=4 * BATCH,
+                                gt_criterion=ground_truth_criterion(args), dataset_size=4 * BATCH,
                                 train_labels=labels).train()
     teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu", "bf16" if bf16 else "fp32")
     optimizer = create_optimizer_v2(distiller, opt="sgd", lr=0.01, momentum=0.9)

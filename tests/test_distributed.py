@@ -15,14 +15,19 @@ from conftest import REPO
 
 STEPS = 6
 COMMON = ["--dataset", "synthetic", "--img-size", "32", "--workers", "0", "--synthetic-train-size", str(16 * STEPS),
-          "--synthetic-val-size", "32", "--log-interval", "1", "--no-aug", "--smoothing", "0",
+          "--synthetic-val-size", "32", "--log-interval", "1", "--smoothing", "0",
           "--model", "deit_tiny_patch16_224", "--distiller", "rsd", "--teacher", "resnet18",
           "--opt", "sgd", "--lr", "0.01", "--warmup-epochs", "0", "--epochs", "1", "--no-eval-teacher"]
 
 
-def _launch(nproc, out, teacher_ckpt, student_init):
+# Views keyed by the sample (RandAugment, erasing, sample-paired Mixup/CutMix) are the same on 1 and 2 processes.
+AUGMENTED = ["--aa", "rand-m9-mstd0.5", "--reprob", "0.5", "--mixup", "0.8", "--cutmix", "1.0",
+             "--mixup-pairing", "sample"]
+
+
+def _launch(nproc, out, teacher_ckpt, student_init, augmentation=("--no-aug",)):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    args = [*COMMON, "-b", str(16 // nproc), "--teacher-pretrained", teacher_ckpt,
+    args = [*COMMON, *augmentation, "-b", str(16 // nproc), "--teacher-pretrained", teacher_ckpt,
             "--initial-checkpoint", student_init, "--output", str(out), "--experiment", f"np{nproc}"]
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     result = subprocess.run([sys.executable, *launcher, "train.py", *args], cwd=REPO, env=env,
@@ -38,12 +43,13 @@ def _flat(state):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, saved_weights):
+@pytest.mark.parametrize("augmentation", [["--no-aug"], AUGMENTED], ids=["no-aug", "augmented-sample-pairing"])
+def test_two_processes_match_one(tmp_path, saved_weights, augmentation):
     teacher = saved_weights("resnet18", num_classes=10)
     init = saved_weights("deit_tiny_patch16_224", num_classes=10)
     w0 = torch.load(init, weights_only=True)
-    log1, run1 = _launch(1, tmp_path, teacher, init)
-    log2, run2 = _launch(2, tmp_path, teacher, init)
+    log1, run1 = _launch(1, tmp_path, teacher, init, augmentation)
+    log2, run2 = _launch(2, tmp_path, teacher, init, augmentation)
     assert "2 process(es)" in log2 and "global batch 16" in log2
 
     rsd1 = [float(v) for v in re.findall(r" rsd ([0-9.]+)", log1)]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from conftest import run_cli
 
 from distillers import DISTILLERS
@@ -129,7 +130,7 @@ def test_seed_changes_initialisation_and_data_order_not_the_subset(tmp_path):
         subset = run.data.train_loader.dataset  # unwrap the loader's dataset wrappers down to the subset
         while not hasattr(subset, "indices"):
             subset = subset.dataset
-        order = [int(subset.indices[i]) for _, _, index in run.data.train_loader for i in index]
+        order = [int(subset.indices[i]) for views in run.data.train_loader for i in views.index]
         return run.student.state_dict(), order
 
     weights0, order0 = build(0, "a")
@@ -237,3 +238,17 @@ def test_readme_table_is_the_committed_results():
             seeds = [float(r["last_top1"]) for r in rows if r["method"] == method and r["pair"] == pair]
             assert len(seeds) == 3, (method, pair)
             assert (mean, std) == (round(statistics.mean(seeds), 2), round(statistics.stdev(seeds), 2)), (method, pair)
+
+
+@pytest.mark.slow
+def test_the_mixup_pairing_study_tabulates_both_pairings(tmp_path):
+    """tools/mixup_pairing_study.py --tiny: one run per pairing through the study's runner, one row each."""
+    from tools.mixup_pairing_study import main as pairing_main
+    rows = pairing_main(["--tiny", "--out", str(tmp_path)])
+    assert sorted(r["method"] for r in rows) == ["batch", "sample"]
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert [r["pairing"] for r in csv.DictReader(f)] == ["batch", "sample"]
+    args = yaml.safe_load((tmp_path / "sample" / "convnext_demo_32-deit_demo_32" / "rsd" / "seed0" / "args.yaml")
+                          .read_text())
+    assert (args["mixup_pairing"], args["mixup"], args["cutmix"]) == ("sample", 0.8, 1.0)
+    assert "| sample |" in (tmp_path / "table.md").read_text()

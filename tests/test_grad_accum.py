@@ -36,9 +36,14 @@ def _trained(tmp_path, name, *flags):
     return run, initial
 
 
-def test_two_micro_batches_of_b_match_one_batch_of_2b(tmp_path, one_thread):
-    accumulated, initial = _trained(tmp_path, "accumulated", "-b", "8", "--grad-accum-steps", "2")
-    large, _ = _trained(tmp_path, "large", "-b", "16")
+# Sample-paired Mixup/CutMix and erasing: a sample's partner, lambda and box do not depend on its batch either.
+MIXED = ["--mixup", "0.8", "--cutmix", "1.0", "--mixup-pairing", "sample", "--reprob", "0.5"]
+
+
+@pytest.mark.parametrize("flags", [[], MIXED], ids=["augmented", "augmented-sample-mixup"])
+def test_two_micro_batches_of_b_match_one_batch_of_2b(tmp_path, one_thread, flags):
+    accumulated, initial = _trained(tmp_path, "accumulated", "-b", "8", "--grad-accum-steps", "2", *flags)
+    large, _ = _trained(tmp_path, "large", "-b", "16", *flags)
     assert accumulated.progress.global_step == large.progress.global_step == 2 * 64 // 16
     log = (tmp_path / "accumulated" / "log.txt").read_text()
     assert "Train: 1 [   4/4" in log and "global batch 8 x 2 accumulated = 16 per update" in log

@@ -101,8 +101,7 @@ def test_preset_builds_and_computes_its_loss_at_224(preset):
     mixup = build_mixup(args, args.num_classes)
     data = types.SimpleNamespace(config={"input_size": (3, 224, 224)}, train_size=2,
                                  train_labels=torch.tensor([0, 1]))
-    distiller = build_distiller_for(args, types.SimpleNamespace(world_size=1), student, teacher_model, {}, data,
-                                    mixup)
+    distiller = build_distiller_for(args, types.SimpleNamespace(world_size=1), student, teacher_model, {}, data)
     distiller.train()
     teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu", "fp32")
     batch = make_batch(torch.randn(2, 3, 224, 224), torch.tensor([3, 7]), torch.tensor([0, 1]), "cpu", mixup)

@@ -122,7 +122,8 @@ def fixed_step(index, lam=1.0):
     generator = torch.Generator().manual_seed(7)
     emb_s, emb_t = torch.randn(len(index), D_S, generator=generator), torch.randn(len(index), D_T, generator=generator)
     logits_s, logits_t = (torch.randn(len(index), N_CLASSES, generator=generator) for _ in range(2))
-    batch = Batch(images=torch.zeros(len(index), 1), targets=LABELS[index], labels=LABELS[index], index=index, lam=lam)
+    batch = Batch(images=torch.zeros(len(index), 1), targets=LABELS[index], labels=LABELS[index], index=index, lam=lam,
+                  partner_index=None if isinstance(lam, float) and lam == 1.0 else index.flip(0))
     return Features(logits=logits_s.requires_grad_(True), embedding=emb_s), Features(logits_t, emb_t), batch
 
 

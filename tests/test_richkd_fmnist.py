@@ -20,7 +20,7 @@ import tools.build_cache as build_cache_tool
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
 from engine.datasets.fashion_mnist import FASHION_MNIST_FILES, FASHION_MNIST_SYSTEM_DIR, read_idx_gz
-from engine.loop import make_batch, train_step
+from engine.loop import train_step
 from engine.models import create_model
 from engine.run import build_run
 from engine.train_args import build_train_parser
@@ -95,8 +95,7 @@ def test_every_mode_trains_two_steps(tmp_path, data_dir, checkpoints, cache, stu
         loader = iter(run.data.train_loader)
         run.model.train()
         for _ in range(2):
-            images, labels, index = next(loader)
-            batch = make_batch(images, labels, index, run.env.device, run.mixup)
+            batch = run.batches(next(loader))
             loss, losses = train_step(run.model, run.teacher, run.optimizer, batch, autocast=run.autocast,
                                       sources=run.sources)
             assert set(losses) == {"ce"} | {f"richkd_{t}" for t, m in (("logit", "L"), ("feat", "F")) if m in mode}

@@ -4,7 +4,7 @@ synthetic; `register_dataset` adds a kind from any module (see registry.py, and 
 # isort: off
 from . import cifar100, image_folder, fashion_mnist, synthetic  # noqa: F401
 # isort: on
-from .common import ArrayImageDataset, ClassBalancedSubset, IndexedDataset, dataset_labels
+from .common import ArrayImageDataset, ClassBalancedSubset, dataset_labels
 from .registry import (
     DATASETS,
     DatasetKind,
@@ -16,6 +16,6 @@ from .registry import (
     register_dataset,
 )
 
-__all__ = ["DATASETS", "ArrayImageDataset", "ClassBalancedSubset", "DatasetKind", "IndexedDataset", "build_dataset",
+__all__ = ["DATASETS", "ArrayImageDataset", "ClassBalancedSubset", "DatasetKind", "build_dataset",
            "dataset_class_names", "dataset_labels", "dataset_names", "get_dataset_kind", "infer_dataset_kind",
            "register_dataset"]

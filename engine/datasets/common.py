@@ -1,8 +1,7 @@
-"""Dataset building blocks every kind shares: in-memory images, index-yielding and class-balanced wrappers.
+"""Dataset building blocks every kind shares: in-memory images and class-balanced subsets.
 
-Every kind yields `(PIL image, int label)`, so all go through the same timm transform pipeline. `IndexedDataset`
-adds each sample's dataset index, which the training loader hands to distillers (memory banks, caches keyed by
-sample).
+Every kind yields `(PIL image, int label)`, so all go through the same timm transform pipeline; the training
+loader keys each sample by its dataset index (engine/views.py), which distillers also get (memory banks, caches).
 """
 from __future__ import annotations
 
@@ -31,20 +30,6 @@ class ArrayImageDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[index])
-
-
-class IndexedDataset(Dataset):
-    """Yields `(image, label, index)`: a dataset's samples with their position in it."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, label = self.dataset[index]
-        return image, label, index
 
 
 class ClassBalancedSubset(Dataset):
