@@ -303,6 +303,10 @@ class DeviceLoader:
             if current is not None:
                 yield current
             torch.cuda.current_stream().wait_stream(stream)
+            for f in fields(views):  # copied on the side stream, used on this one: not to be reused before
+                tensor = getattr(views, f.name)
+                if tensor is not None and tensor.is_cuda:
+                    tensor.record_stream(torch.cuda.current_stream())
             current = views
         if current is not None:
             yield current
