@@ -41,13 +41,17 @@ def worker_processes(workers):
     the worker hangs before its first sample, and the run with it (seen in CI, in the evaluation loader of a resumed
     2-process run). The fork server is a single-threaded process, started once per process with torch, timm and
     this module imported, so the workers it forks start clean and fast. It is started here, when the loaders are
-    built, so that its imports overlap with building the models."""
-    if workers == 0 or "forkserver" not in multiprocessing.get_all_start_methods():
-        return dict(num_workers=workers)
+    built, so that its imports overlap with building the models. Workers persist across epochs (as timm's
+    loaders do): a worker started by the server receives its dataset pickled, which is paid once per run, not
+    at every epoch and evaluation (views are keyed by the sample, so a worker's history does not matter)."""
+    if workers == 0:
+        return dict(num_workers=0)
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return dict(num_workers=workers, persistent_workers=True)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", __name__])  # read once, when the server starts
     multiprocessing.forkserver.ensure_running()
-    return dict(num_workers=workers, multiprocessing_context=context)
+    return dict(num_workers=workers, multiprocessing_context=context, persistent_workers=True)
 
 
 def uses_prefetcher(device):
