@@ -1,18 +1,21 @@
-"""Per-sample outputs of a frozen source, computed once over the training set and read by dataset index.
+"""Per-sample outputs of a frozen source, computed once and read by (epoch, dataset index).
 
-RichKD's second source (a CLIP model, arXiv 2511.09286) never runs during training: tools/build_cache.py runs
-it once over the clean training images and writes its logits and/or embeddings here; training reads the rows
-of each batch's dataset indices.
+One format for every frozen source (tools/build_cache.py builds both kinds):
+- `views: clean`: one view per index, the clean training image (RichKD's second source, arXiv 2511.09286);
+- `views: augmented`: the teacher's outputs on each epoch's training view of each index, mixup included, for
+  `--teacher-cache` (engine/teacher_cache.py); views are keyed by the sample (engine/views.py), so any process
+  count and batch size reads the same rows.
 
 On disk a cache is a folder:
-    meta.json          format version, the dataset's identity (size, class names, sha256 of the labels),
-                       the source (name, weights, preprocessing), the arrays' widths, rows done
-    logits.npy         N x C float32 (when written)
-    embedding.npy      N x D float32 (when written)
-It is built in `<folder>.partial`, whose meta.json records how many rows are on disk (updated after the rows
-are flushed), so an interrupted build resumes where it stopped; the finished folder is renamed into place in
-one step. Training memory-maps the arrays read-only: processes on a machine share the page cache instead of
-each holding a copy of an ImageNet-size cache.
+    meta.json          format version, views, epochs, the dataset's identity (size, class names, sha256 of the
+                       labels), the source (name, weights by sha256, preprocessing, or a run's fingerprint), the
+                       arrays' widths and dtype, rows done, and how it was built
+    logits.npy         E x N x C (fp16 or fp32; E = 1 for clean views)
+    embedding.npy      E x N x D (when stored)
+It is built in `<folder>.partial`, whose meta.json records how many rows are on disk, epoch-major (updated after
+the rows are flushed), so an interrupted build resumes where it stopped; the finished folder is renamed into
+place in one step. Training memory-maps the arrays read-only: processes on a machine share the page cache
+instead of each holding a copy of an ImageNet-size cache.
 """
 import hashlib
 import json
@@ -25,10 +28,15 @@ from kdcore.errors import UserError
 from kdcore.features import Features
 from kdcore.io import atomic_write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ARRAYS = ("logits", "embedding")
+VIEWS = ("clean", "augmented")
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
 META = "meta.json"
 PARTIAL_SUFFIX = ".partial"
+# How a cache was built: may differ between equal caches. fp32 CPU kernels round differently with another
+# intra-op thread count, so bit-exact runs from an fp32 cache use the thread count it was built with.
+BUILD_FIELDS = ("date", "host", "cpu", "processes", "threads")
 
 
 def dataset_identity(labels, class_names):
@@ -42,85 +50,130 @@ def _read_meta(folder):
     path = os.path.join(folder, META)
     if not os.path.isfile(path):
         raise UserError(f"{folder!r} is not a source cache (no {META}); build one with tools/build_cache.py")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:
+        raise UserError(f"{path!r} is not readable JSON (a truncated cache?); rebuild with tools/build_cache.py") \
+            from None
+
+
+def check_format(meta, path):
+    """Refuse a cache written in another format (format 1 had no views, epochs or dtype)."""
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"cache {path!r} has format {meta.get('format')}, this code reads {FORMAT_VERSION}; "
+                        f"rebuild with tools/build_cache.py")
 
 
 class CacheWriter:
     """Builds a cache folder at `path` in `path + '.partial'`, resuming an interrupted build of the same
     source on the same dataset; `finish()` renames it into place.
 
-    `widths` maps each array to write ('logits', 'embedding') to its width.
+    `widths` maps each array to write ('logits', 'embedding') to its width; `epochs` views per index (1 for
+    `views='clean'`); rows are E x N, written epoch-major. `build` (date, host, ...) is recorded, not compared.
     """
 
-    def __init__(self, path, identity, source, widths):
+    def __init__(self, path, identity, source, widths, views="clean", epochs=1, dtype="fp32", build=None):
         self.path, self.partial = os.path.abspath(path), os.path.abspath(path) + PARTIAL_SUFFIX
         if os.path.exists(self.path):
             raise UserError(f"cache {self.path!r} already exists; delete it or choose another output path")
         unknown = sorted(set(widths) - set(ARRAYS))
         if unknown or not widths:
             raise UserError(f"a cache holds some of {', '.join(ARRAYS)}, got {sorted(widths)}")
-        self.meta = {"format": FORMAT_VERSION, "dataset": identity, "source": source,
-                     "widths": {k: int(widths[k]) for k in ARRAYS if k in widths}, "done": 0}
-        size = identity["size"]
+        if views not in VIEWS or dtype not in DTYPES or epochs < 1 or (views == "clean" and epochs != 1):
+            raise ValueError(f"views {views!r}, epochs {epochs}, dtype {dtype!r}")
+        self.meta = {"format": FORMAT_VERSION, "views": views, "epochs": int(epochs), "dataset": identity,
+                     "source": source, "widths": {k: int(widths[k]) for k in ARRAYS if k in widths},
+                     "dtype": dtype, "done": 0, "build": dict(build or {})}
+        self.size = identity["size"]
         if os.path.isdir(self.partial):
             previous = _read_meta(self.partial)
-            if {**previous, "done": 0} != self.meta:
-                raise UserError(f"{self.partial!r} holds an interrupted build of another source or dataset; "
-                                f"delete it to start this one")
+            if {**previous, "done": 0, "build": None} != {**self.meta, "build": None}:
+                raise UserError(f"{self.partial!r} holds an interrupted build of another source, dataset or "
+                                f"setting; delete it to start this one")
             self.meta["done"] = previous["done"]
             mode = "r+"
         else:
             os.makedirs(self.partial)
             mode = "w+"
         self.arrays = {k: np.lib.format.open_memmap(os.path.join(self.partial, f"{k}.npy"), mode=mode,
-                                                    dtype=np.float32, shape=(size, w))
+                                                    dtype=DTYPES[dtype], shape=(epochs, self.size, w))
                        for k, w in self.meta["widths"].items()}
         if mode == "w+":
             atomic_write_json(self.meta, os.path.join(self.partial, META))
 
     @property
     def done(self):
-        """Rows already on disk: the build continues at this dataset index."""
+        """Rows already on disk, epoch-major: the build continues at (done // N, done % N)."""
         return self.meta["done"]
 
-    def write(self, rows):
-        """Append the next rows ({array: (n, width) tensor or array}) and record them as done."""
+    @property
+    def total(self):
+        return self.meta["epochs"] * self.size
+
+    def write_rows(self, start, rows):
+        """Rows ({array: (n, width) tensor or array}) at epoch-major positions start .. start + n - 1, flushed."""
         counts = {len(v) for v in rows.values()}
         if set(rows) != set(self.arrays) or len(counts) != 1:
             raise ValueError(f"expected equally long rows of {sorted(self.arrays)}, got {sorted(rows)}")
-        start, stop = self.done, self.done + counts.pop()
+        stop = start + counts.pop()
+        if not 0 <= start <= stop <= self.total or start // self.size != (stop - 1) // self.size:
+            raise ValueError(f"rows {start}..{stop} do not lie within one epoch of the cache")
+        epoch, first = divmod(start, self.size)
         for key, value in rows.items():
             value = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
-            self.arrays[key][start:stop] = value
+            self.arrays[key][epoch, first:first + stop - start] = value
             self.arrays[key].flush()
-        self.meta["done"] = stop
+        return stop
+
+    def mark_done(self, done):
+        """Record that every row before `done` is on disk (after their write_rows)."""
+        self.meta["done"] = int(done)
         atomic_write_json(self.meta, os.path.join(self.partial, META))
+
+    def write(self, rows):
+        """Append the next rows and record them as done."""
+        self.mark_done(self.write_rows(self.done, rows))
 
     def finish(self):
         """Rename the complete cache into place; returns its path."""
-        if self.done != self.meta["dataset"]["size"]:
-            raise RuntimeError(f"cache has {self.done} of {self.meta['dataset']['size']} rows")
+        if self.done != self.total:
+            raise RuntimeError(f"cache has {self.done} of {self.total} rows")
         self.arrays.clear()  # drop the memory maps before the rename
         os.replace(self.partial, self.path)
         return self.path
 
 
 class SourceCache:
-    """A finished cache, memory-mapped read-only; `lookup(index)` gives the rows of a batch's dataset indices."""
+    """A finished cache, memory-mapped read-only; `lookup(index, epoch)` gives the rows of a batch's dataset
+    indices at an epoch (clean caches have one view per index, whatever the epoch)."""
 
     def __init__(self, path):
         if not os.path.isdir(path):
             raise UserError(f"source cache {path!r} not found; build it with tools/build_cache.py (a folder "
                             f"named *{PARTIAL_SUFFIX} is an unfinished build: run the tool again to finish it)")
         self.path, self.meta = path, _read_meta(path)
-        if self.meta.get("format") != FORMAT_VERSION:
-            raise UserError(f"cache {path!r} has format {self.meta.get('format')}, this code reads "
-                            f"{FORMAT_VERSION}; rebuild it with tools/build_cache.py")
-        if self.meta["done"] != self.meta["dataset"]["size"]:
-            raise UserError(f"cache {path!r} is unfinished ({self.meta['done']} of {self.meta['dataset']['size']} "
-                            f"rows); run tools/build_cache.py again to finish it")
-        self.arrays = {k: np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r") for k in self.meta["widths"]}
+        check_format(self.meta, path)
+        total = self.meta["epochs"] * self.meta["dataset"]["size"]
+        if self.meta["done"] != total:
+            raise UserError(f"cache {path!r} is unfinished ({self.meta['done']} of {total} rows); run "
+                            f"tools/build_cache.py again to finish it")
+        self.arrays = {}
+        for key, width in self.meta["widths"].items():
+            try:
+                array = np.load(os.path.join(path, f"{key}.npy"), mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cache {path!r}: {key}.npy does not load ({exc}); a truncated cache? rebuild with "
+                                f"tools/build_cache.py") from None
+            expected = (self.meta["epochs"], self.meta["dataset"]["size"], width)
+            if array.shape != expected or array.dtype != DTYPES[self.meta["dtype"]]:
+                raise UserError(f"cache {path!r}: {key}.npy holds {array.dtype} {array.shape}, its meta says "
+                                f"{self.meta['dtype']} {expected}; rebuild with tools/build_cache.py")
+            self.arrays[key] = array
+
+    @property
+    def views(self):
+        return self.meta["views"]
 
     def width(self, key):
         return self.meta["widths"][key]
@@ -141,11 +194,12 @@ class SourceCache:
             raise UserError(f"cache {self.path!r} has {self.width('logits')} logits per sample but the run has "
                             f"{num_classes} classes")
 
-    def lookup(self, index):
-        """`Features` (fp32, on `index`'s device) of the samples at these dataset indices."""
+    def lookup(self, index, epoch=0):
+        """`Features` (fp32, on `index`'s device) of the samples at these dataset indices, at `epoch`."""
         rows = index.detach().cpu().numpy()
-        rows_of = {k: torch.from_numpy(np.ascontiguousarray(a[rows])).to(index.device, non_blocking=True)
-                   for k, a in self.arrays.items()}
+        view = 0 if self.views == "clean" else epoch
+        rows_of = {k: torch.from_numpy(np.ascontiguousarray(a[view, rows], dtype=np.float32)).to(
+            index.device, non_blocking=True) for k, a in self.arrays.items()}
         return Features(logits=rows_of.get("logits"), embedding=rows_of.get("embedding"))
 
 

@@ -86,6 +86,11 @@ def _shard(n, rank, world_size):
     return list(range(rank, n, world_size))
 
 
+def augmentation_seed(args):
+    """The seed of every view's key: --aug-seed, else --seed (so runs of several --seed can share one cache)."""
+    return args.seed if getattr(args, "aug_seed", None) is None else args.aug_seed
+
+
 def build_loaders(args, env, train_set, val_set, data_config, prefetch=None):
     """The training loader yields `ViewBatch`es on the device (engine/views.py); the validation loader (images,
     labels).
@@ -104,9 +109,9 @@ def build_loaders(args, env, train_set, val_set, data_config, prefetch=None):
     mixing = build_sample_mixing(args)
     # The loaders get their own generator for the worker base seed they draw at each epoch, so starting an epoch
     # never advances the global RNG that a checkpoint restores (batch mixup, dropout and distillers draw from it).
-    train_loader = DataLoader(KeyedViews(train_set, args.seed, erasing, mixing), batch_size=args.batch_size,
-                              sampler=KeyedSampler(train_sampler, args.aug_repeats), drop_last=True,
-                              collate_fn=collate_views, generator=torch.Generator(),
+    views = KeyedViews(train_set, augmentation_seed(args), erasing, mixing)
+    train_loader = DataLoader(views, batch_size=args.batch_size, sampler=KeyedSampler(train_sampler, args.aug_repeats),
+                              drop_last=True, collate_fn=collate_views, generator=torch.Generator(),
                               pin_memory=env.device.type == "cuda", **worker_processes(args.workers))
     val_loader = build_eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size, args.workers,
                                    env.device, sampler=_shard(len(val_set), env.rank, env.world_size),

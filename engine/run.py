@@ -35,6 +35,7 @@ from .loop import updates_per_epoch
 from .models import RATE_FLAGS, count_parameters, create_model
 from .optim import build_optimizer, resolve_lr
 from .sources import FrozenSource, build_extra_sources, build_frozen_teacher, build_teacher_model
+from .teacher_cache import CachedTeacher, check_run_teacher_cache, open_run_teacher_cache
 from .views import BatchBuilder
 from .weights import load_weights
 
@@ -129,9 +130,12 @@ def check_arguments(args, env):
     distiller_cls = get_distiller_class(args.distiller)
     if distiller_cls.feature_requests(args)[1] is None:
         args.teacher = ""  # vanilla training ignores a teacher given by a shared config
-    elif not args.teacher:
+    elif not args.teacher and not args.teacher_cache:
         raise UserError(f"--distiller {args.distiller} needs a teacher: pass --teacher NAME --teacher-pretrained "
-                        f"PATH, or use --distiller vanilla")
+                        f"PATH (or --teacher-cache DIR), or use --distiller vanilla")
+    if args.check_cache and not (args.teacher_cache and args.teacher and args.teacher_pretrained):
+        raise UserError(f"--check-cache {args.check_cache} recomputes cache entries with the live teacher: it needs "
+                        f"--teacher-cache DIR, --teacher NAME and --teacher-pretrained PATH")
 
 
 def ground_truth_criterion(args):
@@ -249,7 +253,7 @@ def build_run(args, checkpoint=None):
     check_arguments(args, env)
     lr_origin = resolve_lr(args, env.world_size)
     autocast = autocast_context(args, env.device)
-    if args.teacher:
+    if args.teacher or args.teacher_cache:
         args.teacher_precision, precision_reason = resolve_teacher_precision(args.teacher_precision, env.device)
 
     kind, train_set, val_set = load_datasets(args)
@@ -260,13 +264,21 @@ def build_run(args, checkpoint=None):
     args.dataset = kind
 
     student = build_student(args)
-    teacher_model = build_teacher_model(args, args.num_classes, input_size(args))
+    teacher_model = None
+    if not args.teacher_cache or args.check_cache:
+        # Its weights come from its checkpoint; the initialisation drawn first must not shift the distiller's,
+        # so that a run from a teacher cache, which builds no teacher, starts from the same weights.
+        with torch.random.fork_rng():
+            teacher_model = build_teacher_model(args, args.num_classes, input_size(args))
     data = build_data(args, env, student, train_set, val_set, kind)
+    cached_teacher = None
+    if args.teacher_cache:
+        cached_teacher = open_run_teacher_cache(args, data, get_distiller_class(args.distiller))
     batches = build_batch_builder(args, data.config, args.num_classes)
     check_mixup(args)
     distiller_cls = get_distiller_class(args.distiller)
     sources = build_extra_sources(args, distiller_cls, data.train_labels, data.config, env.device)
-    distiller = build_distiller_for(args, env, student, teacher_model, sources, data)
+    distiller = build_distiller_for(args, env, student, cached_teacher or teacher_model, sources, data)
 
     if args.channels_last:
         student.to(memory_format=torch.channels_last)
@@ -276,6 +288,10 @@ def build_run(args, checkpoint=None):
     teacher = None
     if teacher_model is not None:
         teacher = build_frozen_teacher(args, teacher_model, distiller.teacher_request, env.device, data.config)
+    if cached_teacher is not None:
+        if args.check_cache:
+            check_run_teacher_cache(args, cached_teacher, teacher, data.train_loader.dataset, batches)
+        teacher = cached_teacher
 
     optimizer = build_optimizer(distiller, args)
     scaler = torch.amp.GradScaler("cuda") if args.amp and args.amp_dtype == "float16" else None
@@ -359,7 +375,13 @@ def report_startup(run, precision_reason, lr_origin=""):
                  f"{args.num_classes} classes, input {tuple(data.config['input_size'])}")
     run.log.info(f"Student {args.model}: {n_student:,} parameters")
     run.log.info(f"Learning rate {args.lr:.6g} ({lr_origin or '--lr'})")
-    if run.teacher is not None:
+    if isinstance(run.teacher, CachedTeacher):
+        meta = run.teacher.cache.meta
+        run.log.info(f"Teacher {args.teacher}: read from the cache {args.teacher_cache} ({meta['epochs']} epochs of "
+                     f"views, {meta['dtype']}, built {meta['build'].get('date', '?')} by "
+                     f"{meta['build'].get('processes', '?')} process(es)); no teacher model is built"
+                     + (f"; {run.teacher.check_report}" if run.teacher.check_report else ""))
+    elif run.teacher is not None:
         run.log.info(f"Teacher {args.teacher}: {count_parameters(run.teacher.model):,} parameters (frozen, "
                      f"{args.teacher_precision}: {precision_reason}) from {args.teacher_pretrained}")
     run.log.info(f"Distiller {args.distiller}: {n_extra:,} extra trainable parameters "

@@ -74,6 +74,13 @@ def build_train_parser(distiller_registry):
                         "(GPUs, CPUs with AMX or AVX512-BF16), else fp32")
     add_input_spec_arguments(g, "--teacher", "the teacher")
     g.add_argument("--no-eval-teacher", action="store_true", help="skip scoring the teacher before training")
+    g.add_argument("--teacher-cache", default="", metavar="DIR",
+                   help="read the teacher's outputs from a cache of augmented views (tools/build_cache.py --views "
+                   "augmented, built with this run's config and flags) instead of running it; --teacher and "
+                   "--teacher-pretrained are then optional, and checked against the cache when given")
+    g.add_argument("--check-cache", type=int, default=0, metavar="N",
+                   help="with --teacher-cache: recompute N random entries with the live teacher before training "
+                   "(needs --teacher-pretrained)")
 
     add_distiller_arguments(p, distiller_registry)
 
@@ -133,6 +140,8 @@ def build_train_parser(distiller_registry):
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--mixup-mode", default="batch", help="--mixup-pairing batch: one lambda per batch (batch), "
                    "per pair (pair) or per image (elem), as timm")
+    g.add_argument("--aug-seed", type=int, default=None, help="the seed of every training view (default: --seed); "
+                   "runs that differ in --seed only can then share one teacher cache")
     g.add_argument("--mixup-pairing", choices=("batch", "sample"), default="batch",
                    help="batch: timm's Mixup, each image mixed with its mirror in the process's batch (the paper's "
                    "recipe); sample: each image's partner, lambda, mode and box drawn from (seed, epoch, index), "

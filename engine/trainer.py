@@ -8,6 +8,7 @@ from .batchnorm import sync_batchnorm_stats
 from .checkpoint import gather_rng_states, training_state
 from .loop import current_lr, evaluate, format_seconds, train_one_epoch
 from .run import ema_prefixes
+from .teacher_cache import CachedTeacher
 
 
 def improves(value, best, metric):
@@ -57,7 +58,12 @@ def save_epoch(run, epoch, is_best):
 
 def train(run):
     args, env, log, progress = run.args, run.env, run.log, run.progress
-    if run.teacher is not None and not args.no_eval_teacher:
+    if isinstance(run.teacher, CachedTeacher):
+        run.teacher_metrics = run.teacher.metrics
+        if run.teacher_metrics:
+            log.info(f"Teacher {args.teacher}: top-1 {run.teacher_metrics['top1']:.2f}  "
+                     f"top-5 {run.teacher_metrics['top5']:.2f}  (validation set, recorded when the cache was built)")
+    elif run.teacher is not None and not args.no_eval_teacher:
         run.teacher_metrics = evaluate(run.teacher.predict, run.data.val_loader, env,
                                        channels_last=args.channels_last)
         log.info(f"Teacher {args.teacher}: top-1 {run.teacher_metrics['top1']:.2f}  "

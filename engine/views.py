@@ -205,16 +205,17 @@ class KeyedViews(Dataset):
         epoch, index, repeat = key
         view, seeds = self.view(epoch, index, repeat)
         if self.mixing is None or not self.mixing.enabled(epoch):
-            return index, view, None
+            return (epoch, index), view, None
         _, height, width = view[0].shape
         partner, lam, box = self.mixing.draw(np.random.default_rng(seeds[3]), index, len(self), height, width)
         partner_view = view if partner == index else self.view(epoch, partner, repeat)[0]
-        return index, view, (partner, partner_view, lam, box)
+        return (epoch, index), view, (partner, partner_view, lam, box)
 
 
 @dataclass
 class ViewBatch:
-    """A collated batch of `KeyedViews` samples; with partners, `images` holds the B views then the B partners'.
+    """A collated batch of `KeyedViews` samples (of one epoch); with partners, `images` holds the B views then the
+    B partners'.
 
     - `erase`: (M, 6) int64 rows (image row, top, left, height, width, noise offset) and `noise`, their noise
       values laid end to end;
@@ -225,14 +226,15 @@ class ViewBatch:
     index: torch.Tensor
     erase: torch.Tensor
     noise: torch.Tensor
+    epoch: int = 0
     partner_index: Optional[torch.Tensor] = None
     partner_labels: Optional[torch.Tensor] = None
     lam: Optional[torch.Tensor] = None
     boxes: Optional[torch.Tensor] = None
 
     def _map(self, fn):
-        return ViewBatch(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                            for f in fields(self)})
+        return ViewBatch(**{f.name: getattr(self, f.name) if not isinstance(getattr(self, f.name), torch.Tensor)
+                            else fn(getattr(self, f.name)) for f in fields(self)})
 
     def pin_memory(self):
         return self._map(torch.Tensor.pin_memory)
@@ -261,7 +263,7 @@ def collate_views(samples) -> ViewBatch:
             offset += values.numel()
     batch = ViewBatch(images=torch.stack([image for image, _, _ in views]),
                       labels=torch.tensor([label for _, label, _ in views[:len(samples)]]),
-                      index=torch.tensor([index for index, _, _ in samples]),
+                      index=torch.tensor([index for (_, index), _, _ in samples]), epoch=samples[0][0][0],
                       erase=torch.tensor(erase, dtype=torch.int64).reshape(-1, 6),
                       noise=torch.cat(noise) if noise else torch.zeros(0))
     if paired:
@@ -305,7 +307,7 @@ class DeviceLoader:
             torch.cuda.current_stream().wait_stream(stream)
             for f in fields(views):  # copied on the side stream, used on this one: not to be reused before
                 tensor = getattr(views, f.name)
-                if tensor is not None and tensor.is_cuda:
+                if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
                     tensor.record_stream(torch.cuda.current_stream())
             current = views
         if current is not None:
@@ -392,6 +394,7 @@ class BatchBuilder:
                           labels=labels, index=index)
         else:
             batch = batch_of(images, labels, index, self.batch_mixup)
+        batch.epoch = views.epoch
         if self.channels_last:
             batch.images = batch.images.contiguous(memory_format=torch.channels_last)
         return batch

@@ -17,6 +17,7 @@ class Batch:
     - `index`: each image's index in the training dataset (memory banks, caches keyed by sample).
     - `lam`: the mixup/cutmix weight of the image itself (1.0 without mixup; a (B, 1) tensor in timm's
       per-element modes and under `--mixup-pairing sample`).
+    - `epoch`: the epoch its views belong to (a teacher-output cache holds one view per epoch and index).
     - `partner_index`: the dataset index of the image each one was mixed with (None when nothing was mixed): its
       mirror in the batch (`--mixup-pairing batch`), or its own partner (`--mixup-pairing sample`).
     """
@@ -26,6 +27,7 @@ class Batch:
     index: torch.Tensor
     lam: float | torch.Tensor = 1.0
     partner_index: torch.Tensor | None = None
+    epoch: int = 0
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -124,7 +124,7 @@ def test_existing_output_and_foreign_partial_build_are_refused(tmp_path, demo_ca
         CacheWriter(demo_cache, {"size": 1}, {}, {"logits": 1})
     identity = dataset_identity([0, 1, 0], ["a", "b"])
     CacheWriter(tmp_path / "c", identity, {"name": "one"}, {"logits": 2}).write({"logits": np.ones((1, 2))})
-    with pytest.raises(UserError, match="another source or dataset"):
+    with pytest.raises(UserError, match="another source, dataset or setting"):
         CacheWriter(tmp_path / "c", identity, {"name": "two"}, {"logits": 2})
     writer = CacheWriter(tmp_path / "c", identity, {"name": "one"}, {"logits": 2})
     assert writer.done == 1

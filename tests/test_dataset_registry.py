@@ -55,7 +55,7 @@ def test_a_toy_dataset_trains_validates_and_caches(toy_folder, tmp_path):
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["dataset"]["class_names"] == list(toy_dataset.CLASS_NAMES)
     assert meta["dataset"]["size"] == 24
-    assert np.load(glob.glob(str(cache / "logits*"))[0], mmap_mode="r").shape == (24, 3)
+    assert np.load(glob.glob(str(cache / "logits*"))[0], mmap_mode="r").shape == (1, 24, 3)
 
 
 def test_import_flag_registers_a_kind_from_a_file_before_parsing(tmp_path):

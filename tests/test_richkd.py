@@ -129,7 +129,7 @@ def fixed_step(index, lam=1.0):
 
 def test_feature_and_logit_terms_match_an_independent_float64_computation(tmp_path):
     cache = write_cache(tmp_path / "cache")
-    rows = {k: torch.from_numpy(np.load(f"{cache}/{k}.npy")).double() for k in ("logits", "embedding")}
+    rows = {k: torch.from_numpy(np.load(f"{cache}/{k}.npy")[0]).double() for k in ("logits", "embedding")}
     richkd, source = make_richkd(richkd_args("--richkd-cache", cache))
     index = torch.tensor([4, 9, 17, 28, 0, 3, 22, 11])
     student, teacher, batch = fixed_step(index)
@@ -170,7 +170,7 @@ def test_feature_and_logit_terms_match_an_independent_float64_computation(tmp_pa
 
 def test_cached_rows_are_mixed_with_the_images_lambda(tmp_path):
     cache = write_cache(tmp_path / "cache")
-    rows = torch.from_numpy(np.load(f"{cache}/logits.npy")).double()
+    rows = torch.from_numpy(np.load(f"{cache}/logits.npy")[0]).double()
     richkd, source = make_richkd(richkd_args("--richkd-cache", cache, "--richkd-mode", "L"))
     index = torch.tensor([5, 1, 8, 2])
     for lam in (0.3, torch.tensor([[0.9], [0.6], [0.6], [0.9]])):

@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
-"""Run a frozen source once over a training set and cache its per-sample outputs, for RichKD's second source.
+"""Run a frozen source once over a training set and cache its per-sample outputs: of the clean images for RichKD's
+second source (`--views clean`, the default), or of every epoch's training views for `--teacher-cache`
+(`--views augmented`).
 
+    python tools/build_cache.py --views augmented -c configs/demo/rsd.yaml --mixup-pairing sample \
+        --teacher-cache cache/demo_teacher [--cache-dtype fp32] [--store logits embedding] [--check-cache 64]
+    python train.py -c configs/demo/rsd.yaml --mixup-pairing sample --teacher-cache cache/demo_teacher
     python tools/build_cache.py data/cifar100 --dataset cifar100 --source clip:ViT-L-14-quickgelu \
         --weights pretrained/clip_vit_large_patch14_openai.bin --output cache/cifar100_clip_vit_l14
     python tools/build_cache.py data/cifar100 --dataset cifar100 --source resnet50 \
@@ -17,28 +22,60 @@ Sources:
 - any other name: a timm model (custom_model/ included) with its checkpoint; logits and the pooled pre-logits
   embedding, as the teacher gives them in training.
 
-Images are the clean training images in dataset order (no augmentation), preprocessed as the source expects:
-open_clip's own transform for CLIP; for timm, the evaluation transform of validate.py at the model's input
-size with the dataset's mean/std (--img-size/--mean/--std/--crop-pct override them). The cache is keyed by
+Augmented views (`--views augmented`) take the same config and flags as the runs the cache will serve, `--epochs`
+the epochs it covers and `--teacher-cache` where it goes: each epoch's view of each index (engine/views.py: its
+crop, flips, RandAugment, erasing and sample-paired mixup), remapped for the teacher as in training, at the runs'
+per-process `-b`, in index order. `torchrun --nproc_per_node N tools/build_cache.py ...` shares the batches out.
+The storage it needs is printed first (and refused when the disk lacks it); the build resumes per round of
+batches; the teacher's validation top-1 is recorded for the runs' start-up report.
+
+Clean images (`--views clean`) are the clean training images in dataset order (no augmentation), preprocessed as
+the source expects: open_clip's own transform for CLIP; for timm, the evaluation transform of validate.py at the
+model's input size with the dataset's mean/std (--img-size/--mean/--std/--crop-pct override them). The cache is keyed by
 dataset index and records the dataset's identity, so training refuses a cache of another dataset. A progress
 bar shows the ETA; an interrupted run continues where it stopped when started again with the same arguments
 (and batch size, for bit-identical rows), and the finished cache appears in one rename.
 """
 import argparse
 import os
+import sys
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from engine.cache import ARRAYS, CacheWriter, dataset_identity
+from distillers import DISTILLERS
+from engine.cache import ARRAYS, DTYPES, VIEWS, CacheWriter, SourceCache, dataset_identity
+from engine.config import parse_args_with_config
 from engine.datasets import build_dataset, dataset_class_names, dataset_labels, infer_dataset_kind
-from engine.loader import build_eval_transform, resolve_data_settings, worker_processes
+from engine.loader import (
+    augmentation_seed,
+    build_batch_builder,
+    build_eval_loader,
+    build_eval_transform,
+    build_sample_mixing,
+    build_train_transform,
+    load_datasets,
+    resolve_data_settings,
+    worker_processes,
+)
+from engine.loop import evaluate
 from engine.models import create_model
 from engine.plugins import add_import_argument, import_modules_of_command_line
-from engine.sources import FrozenSource
-from engine.train_args import add_data_arguments
+from engine.run import input_size
+from engine.sources import FrozenSource, build_frozen_teacher, build_teacher_model
+from engine.teacher_cache import (
+    CachedTeacher,
+    cached_arrays,
+    check_run_teacher_cache,
+    fingerprint,
+    refuse_uncacheable,
+    write_teacher_cache,
+)
+from engine.train_args import add_data_arguments, build_train_parser
+from engine.views import KeyedErasing, KeyedViews
 from engine.weights import load_weights
+from kdcore.distributed import init_distributed
 from kdcore.errors import UserError, exit_cleanly_on_user_error
 from kdcore.features import FeatureRequest, Features, embedding_dim
 from kdcore.io import file_sha256
@@ -67,6 +104,8 @@ def build_parser():
                    "(default: the dataset's own; ImageNet folders need it for CLIP)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="forward precision")
+    p.add_argument("--views", choices=VIEWS, default="clean", help="clean: the clean training images (RichKD's "
+                   "second source); augmented: every epoch's training views (--teacher-cache; train.py's flags)")
     return p
 
 
@@ -183,10 +222,80 @@ def build_cache(args):
     return writer.finish()
 
 
+def build_augmented_parser():
+    """train.py's parser (the served runs' config and flags) with the build's own options."""
+    p = build_train_parser(DISTILLERS)
+    g = p.add_argument_group("teacher-output cache (tools/build_cache.py --views augmented)")
+    g.add_argument("--views", choices=VIEWS, default="augmented")
+    g.add_argument("--cache-dtype", choices=tuple(DTYPES), default="fp16",
+                   help="fp16 (the default: half the storage, within 1e-3) or fp32 (exact)")
+    g.add_argument("--store", nargs="+", default=["logits"], choices=ARRAYS,
+                   help="what to cache per view (logits by default; add embedding for methods that read it)")
+    return p
+
+
+def build_augmented_cache(args):
+    """The teacher's outputs on every epoch's training view: written to args.teacher_cache; returns its path."""
+    env = init_distributed(args.device, args.local_rank)
+    refuse_uncacheable(args, "tools/build_cache.py --views augmented")
+    if not (args.teacher_cache and args.teacher and args.teacher_pretrained):
+        raise UserError("tools/build_cache.py --views augmented needs --teacher NAME --teacher-pretrained PATH and "
+                        "--teacher-cache DIR (where the cache goes; the runs read it with the same flag)")
+    args.teacher_precision, _ = resolve_teacher_precision(args.teacher_precision, env.device)
+    kind, train_set, val_set = load_datasets(args)
+    args.num_classes, args.dataset = args.num_classes or train_set.num_classes, kind
+    student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args))
+    config = resolve_data_settings(args, student, train_set)  # the student's input: the teacher sees it remapped
+    train_set.transform = build_train_transform(args, config)
+    erasing = None if args.no_aug or not args.reprob else KeyedErasing(args.reprob, args.remode, args.recount)
+    views = KeyedViews(train_set, augmentation_seed(args), erasing, build_sample_mixing(args))
+    teacher_model = build_teacher_model(args, args.num_classes, input_size(args))
+    teacher = build_frozen_teacher(args, teacher_model, cached_arrays(args.store), env.device, config)
+    val_loader = build_eval_loader(val_set, config, args.validation_batch_size or args.batch_size, args.workers,
+                                   env.device, sampler=list(range(env.rank, len(val_set), env.world_size)))
+    teacher_eval = evaluate(teacher.predict, val_loader, env)
+    widths = {"logits": args.num_classes, "embedding": embedding_dim(teacher_model)}
+    barrier = torch.distributed.barrier if env.distributed else None
+    return write_teacher_cache(
+        args.teacher_cache, views, build_batch_builder(args, config, args.num_classes), teacher,
+        dataset_identity(dataset_labels(train_set), []),
+        fingerprint(args, config, args.teacher_precision, file_sha256(args.teacher_pretrained)),
+        {k: widths[k] for k in args.store}, args.epochs, args.batch_size, args.cache_dtype, env,
+        worker_processes(args.workers), teacher_eval={k: teacher_eval[k] for k in ("top1", "top5")}, barrier=barrier)
+
+
+def check_built_cache(args, path):
+    """--check-cache N after a build: N random entries recomputed by the live teacher."""
+    cached = CachedTeacher(SourceCache(path))
+    _, train_set, _ = load_datasets(args)
+    student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args))
+    config = resolve_data_settings(args, student, train_set)
+    train_set.transform = build_train_transform(args, config)
+    erasing = None if args.no_aug or not args.reprob else KeyedErasing(args.reprob, args.remode, args.recount)
+    views = KeyedViews(train_set, augmentation_seed(args), erasing, build_sample_mixing(args))
+    teacher = build_frozen_teacher(args, build_teacher_model(args, args.num_classes, input_size(args)),
+                                   cached_arrays(args.store), args.device, config)
+    check_run_teacher_cache(args, cached, teacher, views, build_batch_builder(args, config, args.num_classes))
+    return cached.check_report
+
+
+def views_of(argv):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--views", choices=VIEWS, default="clean")
+    return pre.parse_known_args(argv)[0].views
+
+
 @exit_cleanly_on_user_error
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     import_modules_of_command_line(argv)  # before the parser: their datasets are valid --dataset choices
-    path = build_cache(build_parser().parse_args(argv))
+    if views_of(argv) == "augmented":
+        args = parse_args_with_config(build_augmented_parser(), argv)
+        path = build_augmented_cache(args)
+        if args.check_cache and int(os.environ.get("RANK", "0")) == 0:
+            print(check_built_cache(args, path))
+    else:
+        path = build_cache(build_parser().parse_args(argv))
     print(f"cache written: {path}")
 
 

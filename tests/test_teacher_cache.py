@@ -1,0 +1,206 @@
+"""--teacher-cache: the teacher's outputs on every epoch's training view, built once by tools/build_cache.py
+--views augmented and read by runs of any layout. From an fp32 cache a run ends with the weights of the same run
+with the live teacher, bit for bit; from fp16 within 1e-3 at the first step; every fingerprint difference, a
+truncated cache and an old-format cache are refused, each with one clear error."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+import tools.build_cache as build_cache_tool
+from distillers import DISTILLERS
+from engine.cache import SourceCache
+from engine.config import parse_args_with_config
+from engine.run import build_run
+from engine.teacher_cache import epoch_batches
+from engine.train_args import build_train_parser
+from engine.trainer import train
+from kdcore.errors import UserError
+
+TEACHER = "test_resnet"
+# Augmentation, erasing and sample-paired Mixup/CutMix on; 48 images / batch 8: 6 steps an epoch, 2 epochs.
+RUN = ["--dataset", "synthetic", "--synthetic-train-size", "48", "--synthetic-val-size", "16", "--img-size", "32",
+       "--workers", "0", "-b", "8", "--epochs", "2", "--aa", "rand-m7-mstd0.5", "--reprob", "0.25", "--mixup", "0.8",
+       "--cutmix", "1.0", "--mixup-pairing", "sample", "--model", "test_vit", "--teacher-precision", "fp32",
+       "--lr", "0.02", "--warmup-epochs", "0", "--seed", "3", "--log-interval", "1", "--drop-path", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    from engine.models import create_model
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save(create_model(TEACHER, num_classes=10, img_size=32).state_dict(), path)
+    return str(path)
+
+
+def build(folder, checkpoint, *flags):
+    argv = ["--views", "augmented", *RUN, "--teacher", TEACHER, "--teacher-pretrained", checkpoint,
+            "--teacher-cache", str(folder), *flags]
+    return build_cache_tool.build_augmented_cache(parse_args_with_config(build_cache_tool.build_augmented_parser(),
+                                                                         argv))
+
+
+@pytest.fixture(scope="module")
+def fp32_cache(tmp_path_factory, teacher_checkpoint):
+    return build(tmp_path_factory.mktemp("c32") / "cache", teacher_checkpoint, "--cache-dtype", "fp32", "--store",
+                 "logits", "embedding")
+
+
+@pytest.fixture(scope="module")
+def fp16_cache(tmp_path_factory, teacher_checkpoint):
+    return build(tmp_path_factory.mktemp("c16") / "cache", teacher_checkpoint, "--store", "logits", "embedding")
+
+
+def trained(folder, name, *flags):
+    args = parse_args_with_config(build_train_parser(DISTILLERS), [*RUN, *flags, "--output", str(folder),
+                                                                   "--experiment", name])
+    run = build_run(args)
+    train(run)
+    return run, (folder / name / "log.txt").read_text()
+
+
+def logged_losses(log, term):
+    return [float(v) for v in re.findall(rf" {term} ([0-9.]+)", log)]
+
+
+@pytest.mark.parametrize("distiller, term", [("kd", "kd"), ("rsd", "rsd")])
+def test_an_fp32_cache_trains_the_weights_of_the_live_teacher_bit_for_bit(tmp_path, teacher_checkpoint, fp32_cache,
+                                                                           distiller, term):
+    live, live_log = trained(tmp_path, "live", "--distiller", distiller, "--teacher", TEACHER,
+                             "--teacher-pretrained", teacher_checkpoint)
+    cached, cached_log = trained(tmp_path, "cached", "--distiller", distiller, "--teacher-cache", fp32_cache)
+    assert cached.teacher.__class__.__name__ == "CachedTeacher"
+    assert "no teacher model is built" in cached_log and "recorded when the cache was built" in cached_log
+    assert logged_losses(live_log, term) == logged_losses(cached_log, term) and len(logged_losses(live_log, term)) == 12
+    for name, weight in live.student.state_dict().items():
+        assert torch.equal(cached.student.state_dict()[name], weight), name
+
+
+def test_an_fp16_cache_agrees_within_its_tolerance(tmp_path, teacher_checkpoint, fp16_cache):
+    _, live_log = trained(tmp_path, "live", "--distiller", "kd", "--teacher", TEACHER, "--teacher-pretrained",
+                          teacher_checkpoint)
+    _, cached_log = trained(tmp_path, "cached", "--distiller", "kd", "--teacher-cache", fp16_cache, "--teacher",
+                            TEACHER, "--teacher-pretrained", teacher_checkpoint, "--check-cache", "16")
+    live, cached = logged_losses(live_log, "kd"), logged_losses(cached_log, "kd")
+    assert abs(live[0] - cached[0]) <= 1e-3 * live[0]
+    assert all(abs(a - b) <= 1e-2 * a for a, b in zip(live, cached, strict=True))
+    found = re.search(r"--check-cache 16: largest deviation logits ([0-9.e+-]+) of the largest value "
+                      r"\(tolerance 0.001, fp16\)", cached_log)
+    assert found and 0 < float(found[1]) <= 1e-3, "fp16 rounding shows, within the tolerance"
+
+
+def test_one_and_two_process_builds_are_byte_identical_in_their_arrays(tmp_path, teacher_checkpoint, fp32_cache):
+    """Built here by 1 process in batch order 0..47; a build with another batch size must give the same bytes
+    too (fp32 outputs do not depend on the batch, except at batch 1, which the builder never runs)."""
+    other = build(tmp_path / "b4", teacher_checkpoint, "--cache-dtype", "fp32", "--store", "logits", "embedding",
+                  "-b", "6")
+    for name in ("logits.npy", "embedding.npy"):
+        assert open(f"{other}/{name}", "rb").read() == open(f"{fp32_cache}/{name}", "rb").read(), name
+
+
+def test_the_last_batch_is_padded_never_a_single_sample():
+    batches = epoch_batches(5, 14, 4)
+    assert batches == [([5, 6, 7, 8], 4), ([9, 10, 11, 12], 4), ([13, 13, 13, 13], 1)]
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--seed", "4"], "views.aug_seed"),
+    (["--reprob", "0.5"], "views.reprob"),
+    (["--mixup-pairing", "sample", "--cutmix", "0"], "views.cutmix"),
+    (["--teacher-precision", "bf16"], "teacher.precision"),
+    (["--scale", "0.5", "1.0"], "views.scale"),
+])
+def test_a_fingerprint_difference_is_refused_naming_the_field(tmp_path, fp32_cache, flags, field):
+    with pytest.raises(UserError, match=re.escape(field)):
+        trained(tmp_path, "refused", "--distiller", "kd", "--teacher-cache", fp32_cache, *flags)
+    assert not (tmp_path / "refused").exists(), "nothing half-written"
+
+
+def test_aug_seed_lets_runs_of_another_seed_share_the_cache(tmp_path, fp32_cache):
+    run, _ = trained(tmp_path, "other_seed", "--distiller", "kd", "--teacher-cache", fp32_cache, "--seed", "9",
+                     "--aug-seed", "3", "--epochs", "1")
+    assert run.progress.global_step == 6
+
+
+def test_other_refusals(tmp_path, teacher_checkpoint, fp32_cache, saved_weights):
+    with pytest.raises(UserError, match="covers 2 epochs"):
+        trained(tmp_path, "more_epochs", "--distiller", "kd", "--teacher-cache", fp32_cache, "--epochs", "3")
+    other_weights = saved_weights(TEACHER, num_classes=10, filename="other.pth")
+    torch.save({k: v + 1 for k, v in torch.load(other_weights).items()}, other_weights)
+    with pytest.raises(UserError, match="teacher.weights_sha256"):
+        trained(tmp_path, "other_teacher", "--distiller", "kd", "--teacher-cache", fp32_cache, "--teacher", TEACHER,
+                "--teacher-pretrained", other_weights)
+    with pytest.raises(UserError, match="stage maps"):
+        trained(tmp_path, "fitnet", "--distiller", "fitnet", "--teacher-cache", fp32_cache)
+    with pytest.raises(UserError, match="--mixup-pairing sample"):
+        build(tmp_path / "batch_pairing", teacher_checkpoint, "--mixup-pairing", "batch")
+    assert not (tmp_path / "batch_pairing").exists() and not (tmp_path / "batch_pairing.partial").exists()
+    with pytest.raises(UserError, match="--aug-repeats"):
+        build(tmp_path / "repeats", teacher_checkpoint, "--aug-repeats", "3")
+
+
+def test_a_truncated_or_old_format_cache_is_refused(tmp_path, fp32_cache):
+    import shutil
+    truncated = tmp_path / "truncated"
+    shutil.copytree(fp32_cache, truncated)
+    data = (truncated / "logits.npy").read_bytes()
+    (truncated / "logits.npy").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="truncated cache"):
+        trained(tmp_path, "t", "--distiller", "kd", "--teacher-cache", str(truncated))
+    old = tmp_path / "old"
+    shutil.copytree(fp32_cache, old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(UserError, match="rebuild with tools/build_cache.py"):
+        trained(tmp_path, "o", "--distiller", "kd", "--teacher-cache", str(old))
+
+
+def test_a_cached_row_is_the_teachers_output_on_the_view_the_training_loader_builds(tmp_path, teacher_checkpoint,
+                                                                                   fp32_cache):
+    """The live run's own batches (shuffled, of epoch 1): each row read by (epoch, index) equals the live teacher's
+    output on that batch, to the bit; and each epoch holds its own views."""
+    args = parse_args_with_config(build_train_parser(DISTILLERS), [
+        *RUN, "--distiller", "kd", "--teacher", TEACHER, "--teacher-pretrained", teacher_checkpoint,
+        "--output", str(tmp_path), "--experiment", "live"])
+    run = build_run(args)
+    cache = SourceCache(fp32_cache)
+    run.data.train_loader.sampler.set_epoch(1)
+    for views in run.data.train_loader:
+        batch = run.batches(views)
+        assert batch.epoch == 1
+        assert torch.equal(cache.lookup(batch.index, batch.epoch).logits, run.teacher(batch).logits)
+    assert cache.meta["views"] == "augmented" and cache.meta["epochs"] == 2 and cache.meta["dtype"] == "fp32"
+    logits = cache.arrays["logits"]
+    assert logits.shape == (2, 48, 10) and not np.array_equal(logits[0], logits[1]), "each epoch its own views"
+
+
+def cli_build(folder, checkpoint, nproc):
+    """tools/build_cache.py in its own process(es), one intra-op thread each (fp32 CPU kernels round differently
+    with another thread count, so equal bytes need equal thread counts)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    result = subprocess.run([sys.executable, *launcher, "tools/build_cache.py", "--views", "augmented", *RUN,
+                             "--teacher", TEACHER, "--teacher-pretrained", checkpoint, "--teacher-cache", str(folder),
+                             "--cache-dtype", "fp32", "--store", "logits", "embedding"],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return folder
+
+
+@pytest.mark.slow
+def test_a_two_process_build_writes_the_bytes_of_a_one_process_build(tmp_path, teacher_checkpoint):
+    """torchrun with 2 gloo processes: the batches are dealt out in turn, each process writes its rows; the arrays
+    are byte-identical and the meta equal but for how it was built."""
+    one, two = cli_build(tmp_path / "one", teacher_checkpoint, 1), cli_build(tmp_path / "two", teacher_checkpoint, 2)
+    for name in ("logits.npy", "embedding.npy"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    one, two = (json.loads((f / "meta.json").read_text()) for f in (one, two))
+    assert two["build"]["processes"] == 2 and one["build"]["processes"] == 1
+    assert {**one, "build": None} == {**two, "build": None}
