@@ -10,8 +10,13 @@ On disk a cache is a folder:
     meta.json          format version, views, epochs, the dataset's identity (size, class names, sha256 of the
                        labels), the source (name, weights by sha256, preprocessing, or a run's fingerprint), the
                        arrays' widths and dtype, rows done, and how it was built
-    logits.npy         E x N x C (fp16 or fp32; E = 1 for clean views)
+    logits.npy         E x N x C (fp16 or fp32; E = 1 for clean views), or with `topk` K:
+      logits_values.npy  E x N x K, the K largest logits, logits_index.npy their classes (int16/int32), and
+      logits_lse.npy     E x N x 1 (fp32), the log-sum-exp of all C logits
     embedding.npy      E x N x D (when stored)
+A top-K row is read back with each of the C - K missing logits set to one value: the one that gives them,
+together, the softmax mass (at temperature 1) the K stored logits leave. Softmax at T = 1 is then exact on the K
+classes and on the rest in total; at other temperatures, and within the rest, it is an approximation.
 It is built in `<folder>.partial`, whose meta.json records how many rows are on disk, epoch-major (updated after
 the rows are flushed), so an interrupted build resumes where it stopped; the finished folder is renamed into
 place in one step. Training memory-maps the arrays read-only: processes on a machine share the page cache
@@ -65,6 +70,31 @@ def check_format(meta, path):
                         f"rebuild with tools/build_cache.py")
 
 
+def array_layout(meta):
+    """The arrays of a cache, {file name: (numpy dtype, width)}: one per stored output, or three for top-K logits."""
+    dtype, layout = DTYPES[meta["dtype"]], {}
+    for key, width in meta["widths"].items():
+        k = meta.get("topk") if key == "logits" else None
+        if k:
+            layout.update(logits_values=(dtype, k), logits_index=(np.int16 if width < 2 ** 15 else np.int32, k),
+                          logits_lse=(np.float32, 1))
+        else:
+            layout[key] = (dtype, width)
+    return layout
+
+
+def fill_topk(values, index, lse, width):
+    """Full logits from the K largest (values, index) and the log-sum-exp of all `width`: each missing logit gets
+    log(remaining mass / (width - K)) + lse, so that at T = 1 the missing classes keep their total mass."""
+    missing = width - values.shape[1]
+    if missing == 0:
+        return torch.empty_like(values).scatter_(1, index, values)
+    kept = torch.exp(values - lse).sum(dim=1, keepdim=True)
+    rest = (1 - kept).clamp_min(torch.finfo(torch.float32).tiny)
+    fill = torch.log(rest / missing) + lse
+    return fill.expand(-1, width).clone().scatter_(1, index, values)
+
+
 class CacheWriter:
     """Builds a cache folder at `path` in `path + '.partial'`, resuming an interrupted build of the same
     source on the same dataset; `finish()` renames it into place.
@@ -73,7 +103,8 @@ class CacheWriter:
     `views='clean'`); rows are E x N, written epoch-major. `build` (date, host, ...) is recorded, not compared.
     """
 
-    def __init__(self, path, identity, source, widths, views="clean", epochs=1, dtype="fp32", build=None):
+    def __init__(self, path, identity, source, widths, views="clean", epochs=1, dtype="fp32", build=None,
+                 topk=None):
         self.path, self.partial = os.path.abspath(path), os.path.abspath(path) + PARTIAL_SUFFIX
         if os.path.exists(self.path):
             raise UserError(f"cache {self.path!r} already exists; delete it or choose another output path")
@@ -82,9 +113,11 @@ class CacheWriter:
             raise UserError(f"a cache holds some of {', '.join(ARRAYS)}, got {sorted(widths)}")
         if views not in VIEWS or dtype not in DTYPES or epochs < 1 or (views == "clean" and epochs != 1):
             raise ValueError(f"views {views!r}, epochs {epochs}, dtype {dtype!r}")
+        if topk is not None and not 1 <= topk <= widths.get("logits", 0):
+            raise UserError(f"--cache-topk {topk} must lie between 1 and the {widths.get('logits', 0)} logits")
         self.meta = {"format": FORMAT_VERSION, "views": views, "epochs": int(epochs), "dataset": identity,
                      "source": source, "widths": {k: int(widths[k]) for k in ARRAYS if k in widths},
-                     "dtype": dtype, "done": 0, "build": dict(build or {})}
+                     "dtype": dtype, "topk": topk, "done": 0, "build": dict(build or {})}
         self.size = identity["size"]
         if os.path.isdir(self.partial):
             previous = _read_meta(self.partial)
@@ -96,9 +129,9 @@ class CacheWriter:
         else:
             os.makedirs(self.partial)
             mode = "w+"
-        self.arrays = {k: np.lib.format.open_memmap(os.path.join(self.partial, f"{k}.npy"), mode=mode,
-                                                    dtype=DTYPES[dtype], shape=(epochs, self.size, w))
-                       for k, w in self.meta["widths"].items()}
+        self.arrays = {name: np.lib.format.open_memmap(os.path.join(self.partial, f"{name}.npy"), mode=mode,
+                                                       dtype=array_dtype, shape=(epochs, self.size, width))
+                       for name, (array_dtype, width) in array_layout(self.meta).items()}
         if mode == "w+":
             atomic_write_json(self.meta, os.path.join(self.partial, META))
 
@@ -114,15 +147,20 @@ class CacheWriter:
     def write_rows(self, start, rows):
         """Rows ({array: (n, width) tensor or array}) at epoch-major positions start .. start + n - 1, flushed."""
         counts = {len(v) for v in rows.values()}
-        if set(rows) != set(self.arrays) or len(counts) != 1:
-            raise ValueError(f"expected equally long rows of {sorted(self.arrays)}, got {sorted(rows)}")
+        if set(rows) != set(self.meta["widths"]) or len(counts) != 1:
+            raise ValueError(f"expected equally long rows of {sorted(self.meta['widths'])}, got {sorted(rows)}")
+        rows = {k: v.detach().float().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)).float()
+                for k, v in rows.items()}
+        if self.meta["topk"] and "logits" in rows:
+            logits = rows.pop("logits")
+            values, index = logits.topk(self.meta["topk"], dim=1)
+            rows.update(logits_values=values, logits_index=index, logits_lse=logits.logsumexp(dim=1, keepdim=True))
         stop = start + counts.pop()
         if not 0 <= start <= stop <= self.total or start // self.size != (stop - 1) // self.size:
             raise ValueError(f"rows {start}..{stop} do not lie within one epoch of the cache")
         epoch, first = divmod(start, self.size)
         for key, value in rows.items():
-            value = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else value
-            self.arrays[key][epoch, first:first + stop - start] = value
+            self.arrays[key][epoch, first:first + stop - start] = value.numpy()
             self.arrays[key].flush()
         return stop
 
@@ -159,16 +197,16 @@ class SourceCache:
             raise UserError(f"cache {path!r} is unfinished ({self.meta['done']} of {total} rows); run "
                             f"tools/build_cache.py again to finish it")
         self.arrays = {}
-        for key, width in self.meta["widths"].items():
+        for key, (dtype, width) in array_layout(self.meta).items():
             try:
                 array = np.load(os.path.join(path, f"{key}.npy"), mmap_mode="r")
             except (OSError, ValueError) as exc:
                 raise UserError(f"cache {path!r}: {key}.npy does not load ({exc}); a truncated cache? rebuild with "
                                 f"tools/build_cache.py") from None
             expected = (self.meta["epochs"], self.meta["dataset"]["size"], width)
-            if array.shape != expected or array.dtype != DTYPES[self.meta["dtype"]]:
+            if array.shape != expected or array.dtype != dtype:
                 raise UserError(f"cache {path!r}: {key}.npy holds {array.dtype} {array.shape}, its meta says "
-                                f"{self.meta['dtype']} {expected}; rebuild with tools/build_cache.py")
+                                f"{np.dtype(dtype)} {expected}; rebuild with tools/build_cache.py")
             self.arrays[key] = array
 
     @property
@@ -186,9 +224,9 @@ class SourceCache:
                             f"labels sha256 {theirs['labels_sha256'][:12]}...) than this run's ({ours['size']} "
                             f"samples, {ours['labels_sha256'][:12]}...); build one for this dataset with "
                             f"tools/build_cache.py")
-        missing = [k for k in needs if k not in self.arrays]
+        missing = [k for k in needs if k not in self.meta["widths"]]
         if missing:
-            raise UserError(f"cache {self.path!r} holds {', '.join(self.arrays)} but this run needs "
+            raise UserError(f"cache {self.path!r} holds {', '.join(self.meta['widths'])} but this run needs "
                             f"{', '.join(missing)}; rebuild it with tools/build_cache.py --store {' '.join(needs)}")
         if "logits" in needs and self.width("logits") != num_classes:
             raise UserError(f"cache {self.path!r} has {self.width('logits')} logits per sample but the run has "
@@ -198,8 +236,11 @@ class SourceCache:
         """`Features` (fp32, on `index`'s device) of the samples at these dataset indices, at `epoch`."""
         rows = index.detach().cpu().numpy()
         view = 0 if self.views == "clean" else epoch
-        rows_of = {k: torch.from_numpy(np.ascontiguousarray(a[view, rows], dtype=np.float32)).to(
-            index.device, non_blocking=True) for k, a in self.arrays.items()}
+        read = {k: torch.from_numpy(np.ascontiguousarray(a[view, rows])) for k, a in self.arrays.items()}
+        if "logits_values" in read:
+            read["logits"] = fill_topk(read.pop("logits_values").float(), read.pop("logits_index").long(),
+                                       read.pop("logits_lse"), self.width("logits"))
+        rows_of = {k: v.float().to(index.device, non_blocking=True) for k, v in read.items()}
         return Features(logits=rows_of.get("logits"), embedding=rows_of.get("embedding"))
 
 

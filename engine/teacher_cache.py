@@ -21,7 +21,7 @@ from kdcore.io import file_sha256
 from kdcore.sources import InputSpec
 from kdcore.stages import OutputInfo
 
-from .cache import ARRAYS, BUILD_FIELDS, DTYPES, PARTIAL_SUFFIX, CacheWriter, SourceCache
+from .cache import ARRAYS, BUILD_FIELDS, PARTIAL_SUFFIX, CacheWriter, SourceCache, array_layout
 from .loader import augmentation_seed
 from .views import collate_views
 
@@ -151,8 +151,10 @@ def epoch_batches(first, size, batch_size):
     return batches
 
 
-def storage_bytes(epochs, size, widths, dtype):
-    return epochs * size * sum(widths.values()) * np.dtype(DTYPES[dtype]).itemsize
+def storage_bytes(epochs, size, widths, dtype, topk=None):
+    """Bytes of a cache's arrays."""
+    layout = array_layout({"widths": widths, "dtype": dtype, "topk": topk})
+    return epochs * size * sum(np.dtype(d).itemsize * width for d, width in layout.values())
 
 
 def check_disk(path, needed):
@@ -177,16 +179,16 @@ def build_info(env, teacher_eval):
 
 
 def write_teacher_cache(path, views, builder, teacher, identity, source, widths, epochs, batch_size, dtype, env,
-                        loader_kwargs, teacher_eval=None, barrier=None):
+                        loader_kwargs, teacher_eval=None, barrier=None, topk=None):
     """Write (or finish) the cache at `path`: for each epoch, every index's view in index order, in batches of
     `batch_size`, through `builder` (normalise, erase, mix) and `teacher`. Processes take the batches in turn,
     each writing its own rows; after every round of batches (one per process) they meet at `barrier` and the
     first records the progress, so a killed build resumes at the last finished round. Returns the path."""
-    needed = storage_bytes(epochs, identity["size"], widths, dtype)
+    needed = storage_bytes(epochs, identity["size"], widths, dtype, topk)
 
     def open_writer():
         return CacheWriter(path, identity, source, widths, views="augmented", epochs=epochs, dtype=dtype,
-                           build=build_info(env, teacher_eval))
+                           build=build_info(env, teacher_eval), topk=topk)
     if env.rank == 0:  # creates (or checks) the partial build; the others open it after
         if not os.path.isdir(os.path.abspath(path) + PARTIAL_SUFFIX):
             check_disk(path, needed)
@@ -236,7 +238,7 @@ def check_entries(cache, views, builder, teacher, count, batch_size, seed=0):
             keys = [(epoch, i, 0) for i in chunk + [chunk[-1]] * (max(batch_size, 2) - len(chunk))]
             outputs = teacher(builder(collate_views([views[k] for k in keys]).to(teacher.device)))
             cached = cache.lookup(torch.tensor(chunk), epoch)
-            for key in cache.arrays:
+            for key in cache.meta["widths"]:
                 if getattr(outputs, key) is None:  # not requested from the live teacher
                     continue
                 live = getattr(outputs, key)[:len(chunk)].float().cpu()

@@ -204,3 +204,25 @@ def test_a_two_process_build_writes_the_bytes_of_a_one_process_build(tmp_path, t
     one, two = (json.loads((f / "meta.json").read_text()) for f in (one, two))
     assert two["build"]["processes"] == 2 and one["build"]["processes"] == 1
     assert {**one, "build": None} == {**two, "build": None}
+
+
+def test_a_top_k_cache_of_every_class_equals_the_full_cache(tmp_path, teacher_checkpoint, fp32_cache):
+    topk = build(tmp_path / "topk", teacher_checkpoint, "--cache-dtype", "fp32", "--cache-topk", "10")
+    full, approximate = SourceCache(fp32_cache), SourceCache(topk)
+    assert set(approximate.arrays) == {"logits_values", "logits_index", "logits_lse"}
+    index = torch.arange(48)
+    for epoch in (0, 1):
+        assert torch.equal(approximate.lookup(index, epoch).logits, full.lookup(index, epoch).logits)
+
+
+def test_top_k_rows_keep_the_softmax_of_the_k_classes_and_the_mass_of_the_rest():
+    """At T = 1 the K kept classes' probabilities are exact and the others share the rest equally."""
+    from engine.cache import fill_topk
+    logits = torch.randn(6, 100, dtype=torch.float64) * 3
+    values, index = logits.topk(10, dim=1)
+    filled = fill_topk(values, index, logits.logsumexp(dim=1, keepdim=True), 100)
+    p, q = logits.softmax(dim=1), filled.softmax(dim=1)
+    torch.testing.assert_close(q.gather(1, index), p.gather(1, index), rtol=1e-12, atol=0)
+    rest = 1 - p.gather(1, index).sum(dim=1, keepdim=True)
+    others = torch.ones_like(q, dtype=torch.bool).scatter_(1, index, False)
+    torch.testing.assert_close(q[others].view(6, 90), (rest / 90).expand(6, 90), rtol=1e-10, atol=0)

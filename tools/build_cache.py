@@ -229,6 +229,9 @@ def build_augmented_parser():
     g.add_argument("--views", choices=VIEWS, default="augmented")
     g.add_argument("--cache-dtype", choices=tuple(DTYPES), default="fp16",
                    help="fp16 (the default: half the storage, within 1e-3) or fp32 (exact)")
+    g.add_argument("--cache-topk", type=int, default=None, metavar="K",
+                   help="keep the K largest logits of each view (and their log-sum-exp) instead of all: for large "
+                   "class counts; read back approximately (engine/cache.py says how)")
     g.add_argument("--store", nargs="+", default=["logits"], choices=ARRAYS,
                    help="what to cache per view (logits by default; add embedding for methods that read it)")
     return p
@@ -261,7 +264,8 @@ def build_augmented_cache(args):
         dataset_identity(dataset_labels(train_set), []),
         fingerprint(args, config, args.teacher_precision, file_sha256(args.teacher_pretrained)),
         {k: widths[k] for k in args.store}, args.epochs, args.batch_size, args.cache_dtype, env,
-        worker_processes(args.workers), teacher_eval={k: teacher_eval[k] for k in ("top1", "top5")}, barrier=barrier)
+        worker_processes(args.workers), teacher_eval={k: teacher_eval[k] for k in ("top1", "top5")}, barrier=barrier,
+        topk=args.cache_topk)
 
 
 def check_built_cache(args, path):

@@ -23,6 +23,10 @@ if ! grep -qs "Done:" "$OUT/source/log.txt"; then  # not finished: resume it, or
             --train-subset "$SUBSET" --output "$OUT" --experiment source
     fi
 fi
+if [ -d "$OUT/cache" ] && ! python3 -c "from engine.cache import SourceCache; SourceCache('$OUT/cache')" 2>/dev/null; then
+    echo "rebuilding $OUT/cache: written in an older cache format (or unreadable)"
+    rm -rf "$OUT/cache"
+fi
 if [ ! -d "$OUT/cache" ]; then
     python3 tools/build_cache.py --dataset fashion_mnist --train-subset "$SUBSET" --img-size 32 --source cifar_resnet8x4 \
         --weights "$OUT/source/student_last.pth" --store logits --output "$OUT/cache"
