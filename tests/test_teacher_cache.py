@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import runs
 import torch
 from conftest import REPO
 
@@ -226,3 +227,32 @@ def test_top_k_rows_keep_the_softmax_of_the_k_classes_and_the_mass_of_the_rest()
     rest = 1 - p.gather(1, index).sum(dim=1, keepdim=True)
     others = torch.ones_like(q, dtype=torch.bool).scatter_(1, index, False)
     torch.testing.assert_close(q[others].view(6, 90), (rest / 90).expand(6, 90), rtol=1e-10, atol=0)
+
+
+def cached_run_args(cache, output, name, *flags):
+    # Stochastic depth off: its per-process stream would differ between 1 and 2 processes.
+    return [*RUN, "--distiller", "kd", "--teacher-cache", cache, "--drop-path", "0", "--output", str(output),
+            "--experiment", name, *flags]
+
+
+@pytest.mark.slow
+def test_two_cached_processes_train_like_one_on_the_global_batch(tmp_path, fp32_cache):
+    runs.train(1, *cached_run_args(fp32_cache, tmp_path, "one", "-b", "8"))
+    runs.train(2, *cached_run_args(fp32_cache, tmp_path, "two", "-b", "4"))
+    one, two = (runs.last_state(tmp_path / n)["state_dict"] for n in ("one", "two"))
+    flat = [torch.cat([v.flatten().double() for v in s.values() if v.is_floating_point()]) for s in (one, two)]
+    assert (flat[0] - flat[1]).norm() <= 1e-5 * flat[0].norm()
+
+
+@pytest.mark.slow
+def test_a_cached_run_killed_mid_epoch_resumes_bit_identically(tmp_path, fp32_cache):
+    runs.train(1, *cached_run_args(fp32_cache, tmp_path, "reference", "--recovery-interval", "4"))
+    killed = tmp_path / "killed"
+    runs.train_and_kill(1, cached_run_args(fp32_cache, tmp_path, "killed", "--recovery-interval", "4"), killed,
+                        "Train: 1 [   5/6")
+    (epoch, step), latest = max(runs.recovery_positions(killed).items())
+    assert (epoch, step) == (1, 2)  # global step 8, at 6 steps an epoch
+    runs.train(1, "--resume", latest)
+    reference, resumed = runs.last_state(tmp_path / "reference"), runs.last_state(killed)
+    for name, weight in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], weight), name
