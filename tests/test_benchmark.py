@@ -17,3 +17,11 @@ def test_benchmark_reports_every_distiller(tmp_path):
     # AAD 512 -> 1024 -> 192 (DeiT-T embedding), BN 1024
     assert rows[2]["extra_params"] == 512 * 1024 + 2 * 1024 + 1024 * 192
     assert rows[0]["extra_params"] == rows[1]["extra_params"] == 0
+
+
+def test_benchmark_times_each_distiller_from_a_teacher_cache_too():
+    rows = main(["--student", "resnet18", "--teacher", "deit_tiny_patch16_224", "--img-size", "32", "-b", "8",
+                 "--steps", "2", "--warmup", "1", "--distillers", "kd", "rsd", "--device", "cpu", "--cached",
+                 "--dataset-size", "512"])
+    assert [r["distiller"] for r in rows] == ["vanilla", "kd", "rsd", "kd@cache", "rsd@cache"]
+    assert rows[4]["extra_params"] == rows[2]["extra_params"], "the AAD is built from the cache's widths alike"

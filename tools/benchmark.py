@@ -3,27 +3,35 @@
 
     python tools/benchmark.py --student resnet18 --teacher swin_tiny_patch4_window7_224 --img-size 224 \
         --batch-size 32 --distillers kd rsd --steps 10 --teacher-precision bf16 --json bench.json
+    python tools/benchmark.py ... --distillers kd rsd --cached    # also each distiller from a teacher cache
 
 Each configuration runs the trainer's own `train_step` on a fixed random batch: `--warmup` untimed steps
 alone, then `--steps` timed steps interleaved with the other configurations. Reports the median s/step,
 img/s, the ratio to vanilla, peak memory (process RSS on CPU, max allocated on GPU), student and extra
-parameters. Teachers are randomly initialised: speed does not depend on their weights.
+parameters. Teachers are randomly initialised: speed does not depend on their weights. With `--cached`, each
+distiller also runs from a teacher-output cache (`--teacher-cache`: fp16 rows of `--dataset-size` views, random
+values, read memory-mapped at random indices each step), with no teacher model.
 """
 import argparse
 import contextlib
 import json
+import os
 import statistics
+import tempfile
 import time
 
 import torch
 from timm.optim import create_optimizer_v2
 
 from distillers import DISTILLERS, build_distiller
+from engine.cache import CacheWriter, SourceCache, dataset_identity
 from engine.loop import train_step
 from engine.models import count_parameters, create_model
 from engine.sources import FrozenSource
+from engine.teacher_cache import CachedTeacher
 from engine.train_args import build_train_parser
 from kdcore.batch import Batch
+from kdcore.features import embedding_dim
 from kdcore.precision import AMP_DTYPES, TEACHER_PRECISIONS, autocast_context, default_device, resolve_teacher_precision
 from tools.machine import cpu_model_name
 
@@ -52,6 +60,7 @@ def build_parser():
     p.add_argument("--amp-dtype", default="bfloat16", choices=tuple(AMP_DTYPES))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the student step and the teacher")
+    p.add_argument("--cached", action="store_true", help="also time each distiller reading a teacher cache")
     p.add_argument("--json", default="", help="also write the results here")
     return p
 
@@ -109,10 +118,12 @@ class TeacherUnderGradMode(FrozenSource):
 class Configuration:
     """One distiller's student, extra modules, frozen teacher, optimizer and a fixed batch, ready to step."""
 
-    def __init__(self, name, opts, teacher_model, train_args, device):
+    def __init__(self, name, opts, teacher_model, train_args, device, cache=None):
         torch.manual_seed(0)
         train_args.distiller = name
-        self.name, self.device = name, device
+        self.name, self.device, self.dataset_size = name + ("@cache" if cache else ""), device, opts.dataset_size
+        if cache is not None:
+            teacher_model = CachedTeacher(cache)
         self.student = create_model(opts.student, num_classes=opts.num_classes, img_size=opts.img_size)
         size = (3, opts.img_size, opts.img_size)
         train_args.num_classes = opts.num_classes
@@ -123,7 +134,9 @@ class Configuration:
             self.distiller.to(memory_format=torch.channels_last)
         self.distiller.to(device).train()
         self.teacher = None
-        if self.distiller.teacher_request is not None:
+        if cache is not None:
+            self.teacher = teacher_model
+        elif self.distiller.teacher_request is not None:
             source = FrozenSource if opts.teacher_grad_mode == "inference_mode" else TeacherUnderGradMode
             kwargs = {} if source is FrozenSource else {"grad_mode": opts.teacher_grad_mode}
             self.teacher = source(teacher_model, self.distiller.teacher_request, device, opts.teacher_precision,
@@ -141,6 +154,7 @@ class Configuration:
         self.step_seconds, self.peak_memory_mb = [], None
 
     def step(self):
+        self.batch.index = torch.randint(0, self.dataset_size, (len(self.batch),), device=self.device)
         loss, _ = train_step(self.distiller, self.teacher, self.optimizer, self.batch, autocast=self.autocast)
         return loss
 
@@ -159,17 +173,38 @@ class Configuration:
                 "extra_params": self.distiller.extra_parameter_count(), "step_seconds": self.step_seconds}
 
 
+def random_teacher_cache(opts, teacher_model, stack):
+    """A teacher cache (format of --teacher-cache) of random fp16 rows, in a temporary folder kept open by `stack`."""
+    folder = stack.enter_context(tempfile.TemporaryDirectory())
+    widths = {"logits": opts.num_classes, "embedding": embedding_dim(teacher_model)}
+    identity = dataset_identity(torch.arange(opts.dataset_size) % opts.num_classes, [])
+    writer = CacheWriter(os.path.join(folder, "cache"), identity, {}, widths, views="augmented", dtype="fp16")
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, opts.dataset_size, 4096):
+        n = min(4096, opts.dataset_size - start)
+        writer.write({k: torch.randn(n, w, generator=generator) for k, w in widths.items()})
+    return SourceCache(writer.finish())
+
+
 def run_benchmark(opts, device):
     """Warm up each configuration alone (its peak memory is read then), then time them interleaved, one
     step each per round, so that drift in the machine's speed hits every configuration alike."""
+    with contextlib.ExitStack() as stack:
+        return _run_benchmark(opts, device, stack)
+
+
+def _run_benchmark(opts, device, stack):
     train_args = build_train_parser(DISTILLERS).parse_args([])  # every distiller flag at its default
     teacher_model = create_model(opts.teacher, num_classes=opts.num_classes, img_size=opts.img_size)
     if opts.channels_last:
         teacher_model.to(memory_format=torch.channels_last)
     memory = PeakMemory(device)
+    cache = random_teacher_cache(opts, teacher_model, stack) if opts.cached else None
     configs = []
-    for name in ["vanilla", *opts.distillers]:
-        config = Configuration(name, opts, teacher_model, train_args, device)
+    jobs = [(name, None) for name in ["vanilla", *opts.distillers]]
+    jobs += [(name, cache) for name in opts.distillers] if cache is not None else []
+    for name, job_cache in jobs:
+        config = Configuration(name, opts, teacher_model, train_args, device, job_cache)
         memory.reset()
         for _ in range(opts.warmup):
             config.step()
