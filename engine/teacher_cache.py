@@ -18,6 +18,7 @@ from tqdm import tqdm
 from kdcore.errors import UserError
 from kdcore.features import FeatureRequest
 from kdcore.io import file_sha256
+from kdcore.machine import cpu_model_name
 from kdcore.sources import InputSpec
 from kdcore.stages import OutputInfo
 
@@ -169,11 +170,7 @@ def check_disk(path, needed):
 def build_info(env, teacher_eval):
     info = {"date": datetime.date.today().isoformat(), "host": platform.node(), "processes": env.world_size,
             "threads": torch.get_num_threads(), "teacher_eval": teacher_eval}
-    try:
-        from tools.machine import cpu_model_name
-        info["cpu"] = cpu_model_name()
-    except ImportError:  # the tools folder is not installed with the package
-        info["cpu"] = platform.processor()
+    info["cpu"] = cpu_model_name()
     assert set(info) - {"teacher_eval"} <= set(BUILD_FIELDS)
     return info
 

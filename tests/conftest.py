@@ -171,8 +171,8 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
+    from kdcore.machine import cpu_model_name
     from kdcore.precision import native_bf16
-    from tools.machine import cpu_model_name
     if not _BF16_SECONDS:
         return  # none ran
     native, why = native_bf16("cpu")

@@ -85,7 +85,7 @@ def test_bf16_swin_tiny_embeddings_track_fp32():
                                          ("avx2 avx512f amx_bf16 amx_tile avx512_bf16", "amx_tile")])
 def test_cpu_name_tells_the_vector_isa(tmp_path, flags, isa):
     """Figures name their CPU: two EPYCs with the same model name but different vector units must read differently."""
-    from tools.machine import cpu_model_name
+    from kdcore.machine import cpu_model_name
     block = f"processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n"
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(block + "\n" + block.replace(": 0", ": 1", 1))

@@ -32,8 +32,8 @@ from engine.teacher_cache import CachedTeacher
 from engine.train_args import build_train_parser
 from kdcore.batch import Batch
 from kdcore.features import embedding_dim
+from kdcore.machine import cpu_model_name
 from kdcore.precision import AMP_DTYPES, TEACHER_PRECISIONS, autocast_context, default_device, resolve_teacher_precision
-from tools.machine import cpu_model_name
 
 GRAD_CONTEXTS = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}
 

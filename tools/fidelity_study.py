@@ -41,8 +41,8 @@ from engine.loop import format_seconds
 from engine.train_args import build_train_parser
 from kdcore.errors import UserError, exit_cleanly_on_user_error
 from kdcore.io import atomic_write, atomic_write_csv, atomic_write_text
+from kdcore.machine import cpu_model_name
 from tools.cka import main as cka_main
-from tools.machine import cpu_model_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

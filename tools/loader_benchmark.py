@@ -22,7 +22,7 @@ from engine.loader import build_batch_builder, build_loaders, load_datasets, res
 from engine.train_args import build_train_parser
 from kdcore.distributed import DistEnv
 from kdcore.errors import exit_cleanly_on_user_error
-from tools.machine import cpu_model_name
+from kdcore.machine import cpu_model_name
 
 DEFAULTS = ["--dataset", "fashion_mnist", "--img-size", "32", "-b", "128", "--workers", "1", "--scale", "0.6", "1.0",
             "--mixup", "0.8", "--cutmix", "1.0"]
