@@ -10,6 +10,7 @@ import datetime
 import os
 import platform
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -173,6 +174,17 @@ def build_info(env, teacher_eval):
     info["cpu"] = cpu_model_name()
     assert set(info) - {"teacher_eval"} <= set(BUILD_FIELDS)
     return info
+
+
+def dry_run(views, builder, teacher, size, batch_size, loader_kwargs, epoch=0):
+    """The build's loader, views and teacher forward over one epoch, writing nothing: (seconds, views)."""
+    start = time.perf_counter()
+    batches = epoch_batches(0, size, batch_size)
+    loader = torch.utils.data.DataLoader(views, batch_sampler=[[(epoch, i, 0) for i in b] for b, _ in batches],
+                                         collate_fn=collate_views, **loader_kwargs)
+    for view_batch in tqdm(loader, total=len(batches), unit="batch", desc="dry run (nothing written)"):
+        teacher(builder(view_batch.to(teacher.device)))
+    return time.perf_counter() - start, size
 
 
 def write_teacher_cache(path, views, builder, teacher, identity, source, widths, epochs, batch_size, dtype, env,

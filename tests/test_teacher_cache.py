@@ -256,3 +256,9 @@ def test_a_cached_run_killed_mid_epoch_resumes_bit_identically(tmp_path, fp32_ca
     reference, resumed = runs.last_state(tmp_path / "reference"), runs.last_state(killed)
     for name, weight in reference["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], weight), name
+
+
+def test_a_dry_run_builds_every_view_and_writes_nothing(tmp_path, teacher_checkpoint, capsys):
+    assert build(tmp_path / "dry", teacher_checkpoint, "--dry-run") is None
+    assert "dry run: 48 views in" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())

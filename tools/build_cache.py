@@ -68,6 +68,7 @@ from engine.teacher_cache import (
     CachedTeacher,
     cached_arrays,
     check_run_teacher_cache,
+    dry_run,
     fingerprint,
     refuse_uncacheable,
     write_teacher_cache,
@@ -232,6 +233,8 @@ def build_augmented_parser():
     g.add_argument("--cache-topk", type=int, default=None, metavar="K",
                    help="keep the K largest logits of each view (and their log-sum-exp) instead of all: for large "
                    "class counts; read back approximately (engine/cache.py says how)")
+    g.add_argument("--dry-run", action="store_true", help="run the build's loader and teacher over one epoch and "
+                   "print its speed, writing nothing")
     g.add_argument("--store", nargs="+", default=["logits"], choices=ARRAYS,
                    help="what to cache per view (logits by default; add embedding for methods that read it)")
     return p
@@ -258,9 +261,15 @@ def build_augmented_cache(args):
                                    env.device, sampler=list(range(env.rank, len(val_set), env.world_size)))
     teacher_eval = evaluate(teacher.predict, val_loader, env)
     widths = {"logits": args.num_classes, "embedding": embedding_dim(teacher_model)}
+    builder = build_batch_builder(args, config, args.num_classes)
+    if args.dry_run:
+        seconds, count = dry_run(views, builder, teacher, len(train_set), args.batch_size,
+                                 worker_processes(args.workers))
+        print(f"dry run: {count} views in {seconds:.1f} s ({count / seconds:.1f} views/s), nothing written")
+        return None
     barrier = torch.distributed.barrier if env.distributed else None
     return write_teacher_cache(
-        args.teacher_cache, views, build_batch_builder(args, config, args.num_classes), teacher,
+        args.teacher_cache, views, builder, teacher,
         dataset_identity(dataset_labels(train_set), []),
         fingerprint(args, config, args.teacher_precision, file_sha256(args.teacher_pretrained)),
         {k: widths[k] for k in args.store}, args.epochs, args.batch_size, args.cache_dtype, env,
@@ -296,6 +305,8 @@ def main(argv=None):
     if views_of(argv) == "augmented":
         args = parse_args_with_config(build_augmented_parser(), argv)
         path = build_augmented_cache(args)
+        if path is None:
+            return
         if args.check_cache and int(os.environ.get("RANK", "0")) == 0:
             print(check_built_cache(args, path))
     else:
