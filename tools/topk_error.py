@@ -7,7 +7,8 @@
 Over the validation images it computes the teacher's logits, keeps the K largest and their log-sum-exp as the
 cache does (engine/cache.py), fills the rest as the cache reads them back, and reports per temperature the KD
 loss (T^2 KL(softmax(t / T) || softmax(s / T)), batch mean) with the full and with the filled logits: their mean
-and the mean and largest relative error per batch.
+and the mean and largest relative error per batch, and the teacher's mean softmax mass outside its top K (what the
+approximation spreads evenly).
 """
 import argparse
 import json
@@ -52,15 +53,19 @@ def main(argv=None):
     loader = build_eval_loader(dataset, resolve_data_settings(opts, models["student"], dataset), opts.batch_size,
                                opts.workers, "cpu")
     losses = {t: {"full": [], "topk": []} for t in opts.temperatures}
+    tails = []
     with torch.inference_mode():
         for images, _ in loader:
             teacher, student = models["teacher"](images).double(), models["student"](images).double()
             values, index = teacher.topk(opts.topk, dim=1)
             filled = fill_topk(values, index, teacher.logsumexp(dim=1, keepdim=True), classes)
+            tails.append(float(1 - teacher.softmax(dim=1).gather(1, index).sum(dim=1).mean()))
             for t in opts.temperatures:
                 losses[t]["full"].append(float(kd_loss(student, teacher, t)))
                 losses[t]["topk"].append(float(kd_loss(student, filled, t)))
-    report = {"cpu": cpu_model_name(), "k": opts.topk, "classes": classes, "images": len(dataset), "temperatures": {}}
+    report = {"cpu": cpu_model_name(), "k": opts.topk, "classes": classes, "images": len(dataset),
+              "tail_mass": sum(tails) / len(tails), "temperatures": {}}
+    print(f"teacher softmax mass outside its top {opts.topk} at T = 1: {report['tail_mass']:.2e} (mean over images)")
     for t, pair in losses.items():
         errors = [abs(a - b) / a for a, b in zip(pair["full"], pair["topk"])]
         row = {"kd_full": sum(pair["full"]) / len(pair["full"]), "kd_topk": sum(pair["topk"]) / len(pair["topk"]),
