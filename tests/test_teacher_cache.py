@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -263,3 +264,12 @@ def test_a_dry_run_builds_every_view_and_writes_nothing(tmp_path, teacher_checkp
     assert build(tmp_path / "dry", teacher_checkpoint, "--dry-run") is None
     assert "dry run: 48 views in" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
+
+
+def test_a_build_the_disk_cannot_hold_is_refused_before_anything_is_written(tmp_path, teacher_checkpoint,
+                                                                            monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10 ** 6, used=10 ** 6, free=100))
+    with pytest.raises(UserError, match=r"the cache needs 0.00 GiB but .* has 0.00 GiB free"):
+        build(tmp_path / "full", teacher_checkpoint)
+    assert not (tmp_path / "full").exists() and not (tmp_path / "full.partial").exists()
