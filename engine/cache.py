@@ -9,7 +9,9 @@ One format for every frozen source (tools/build_cache.py builds both kinds):
 On disk a cache is a folder:
     meta.json          format version, views, epochs, the dataset's identity (size, class names, sha256 of the
                        labels), the source (name, weights by sha256, preprocessing, or a run's fingerprint), the
-                       arrays' widths and dtype, rows done, and how it was built
+                       arrays' widths and dtype, rows done, and how it was built (`build`: date, host, CPU,
+                       processes, intra-op threads: fp32 CPU kernels round differently with another thread
+                       count, so bit-exact runs use the builder's; equal caches may differ here)
     logits.npy         E x N x C (fp16 or fp32; E = 1 for clean views), or with `topk` K:
       logits_values.npy  E x N x K, the K largest logits, logits_index.npy their classes (int16/int32), and
       logits_lse.npy     E x N x 1 (fp32), the log-sum-exp of all C logits
@@ -39,9 +41,6 @@ VIEWS = ("clean", "augmented")
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 META = "meta.json"
 PARTIAL_SUFFIX = ".partial"
-# How a cache was built: may differ between equal caches. fp32 CPU kernels round differently with another
-# intra-op thread count, so bit-exact runs from an fp32 cache use the thread count it was built with.
-BUILD_FIELDS = ("date", "host", "cpu", "processes", "threads")
 
 
 def dataset_identity(labels, class_names):

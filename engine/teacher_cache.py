@@ -23,7 +23,7 @@ from kdcore.machine import cpu_model_name
 from kdcore.sources import InputSpec
 from kdcore.stages import OutputInfo
 
-from .cache import ARRAYS, BUILD_FIELDS, PARTIAL_SUFFIX, CacheWriter, SourceCache, array_layout
+from .cache import ARRAYS, PARTIAL_SUFFIX, CacheWriter, SourceCache, array_layout
 from .loader import augmentation_seed
 from .views import collate_views
 
@@ -160,20 +160,21 @@ def storage_bytes(epochs, size, widths, dtype, topk=None):
 
 
 def check_disk(path, needed):
+    """Print the storage a build needs; refuse it when the disk holding `path` has less free."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
     free = shutil.disk_usage(folder).free
+    print(f"the cache needs {needed / 2 ** 30:.2f} GiB; {folder!r} has {free / 2 ** 30:.2f} GiB free", flush=True)
     if free < needed:
         raise UserError(f"the cache needs {needed / 2 ** 30:.2f} GiB but {folder!r} has {free / 2 ** 30:.2f} GiB free; "
-                        f"free space, choose another --output, or cache fp16 logits only")
+                        f"free space, choose another --teacher-cache folder, or cache fp16 logits only "
+                        f"(--cache-topk K for many classes)")
 
 
 def build_info(env, teacher_eval):
-    info = {"date": datetime.date.today().isoformat(), "host": platform.node(), "processes": env.world_size,
-            "threads": torch.get_num_threads(), "teacher_eval": teacher_eval}
-    info["cpu"] = cpu_model_name()
-    assert set(info) - {"teacher_eval"} <= set(BUILD_FIELDS)
-    return info
+    """The meta's `build` fields: how the cache was built, and the teacher's validation figures."""
+    return {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpu": cpu_model_name(),
+            "processes": env.world_size, "threads": torch.get_num_threads(), "teacher_eval": teacher_eval}
 
 
 def dry_run(views, builder, teacher, size, batch_size, loader_kwargs, epoch=0):
