@@ -23,6 +23,7 @@ import time
 import torch
 
 from engine.models import create_model
+from kdcore.io import atomic_write_json
 from kdcore.machine import cpu_model_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,8 +102,7 @@ def main(argv=None):
               f"benchmark, b {b:.3f} s: the build's wall time per step, start-up included); measured / bound = "
               f"{figures['speedup'] / figures['bound']:.2f}")
     if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(figures, f, indent=2)
+        atomic_write_json(figures, opts.json)
     return figures
 
 

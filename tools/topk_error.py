@@ -11,7 +11,6 @@ and the mean and largest relative error per batch, and the teacher's mean softma
 approximation spreads evenly).
 """
 import argparse
-import json
 
 import torch
 
@@ -22,6 +21,7 @@ from engine.loader import build_eval_loader, resolve_data_settings
 from engine.models import create_model
 from engine.train_args import add_data_arguments
 from engine.weights import load_weights
+from kdcore.io import atomic_write_json
 from kdcore.machine import cpu_model_name
 
 
@@ -74,8 +74,7 @@ def main(argv=None):
         print(f"T = {t:g}: KD loss {row['kd_full']:.5f} full, {row['kd_topk']:.5f} top-{opts.topk} of {classes}; "
               f"relative error per batch mean {row['mean_relative_error']:.2e}, max {row['max_relative_error']:.2e}")
     if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_json(report, opts.json)
     return report
 
 
