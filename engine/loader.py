@@ -105,8 +105,7 @@ def build_loaders(args, env, train_set, val_set, data_config, prefetch=None):
     else:
         train_sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank,
                                            shuffle=True, seed=args.seed)
-    erasing = None if args.no_aug or not args.reprob else KeyedErasing(args.reprob, args.remode, args.recount)
-    mixing = build_sample_mixing(args)
+    erasing, mixing = build_erasing(args), build_sample_mixing(args)
     # The loaders get their own generator for the worker base seed they draw at each epoch, so starting an epoch
     # never advances the global RNG that a checkpoint restores (batch mixup, dropout and distillers draw from it).
     views = KeyedViews(train_set, augmentation_seed(args), erasing, mixing)
@@ -168,6 +167,11 @@ def build_mixup(args, num_classes):
     return MixupWithLabels(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                            label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def build_erasing(args):
+    """Random erasing drawn per sample (None without --reprob, or under --no-aug)."""
+    return None if args.no_aug or not args.reprob else KeyedErasing(args.reprob, args.remode, args.recount)
 
 
 def build_sample_mixing(args):

@@ -51,6 +51,7 @@ from engine.datasets import build_dataset, dataset_class_names, dataset_labels, 
 from engine.loader import (
     augmentation_seed,
     build_batch_builder,
+    build_erasing,
     build_eval_loader,
     build_eval_transform,
     build_sample_mixing,
@@ -74,7 +75,7 @@ from engine.teacher_cache import (
     write_teacher_cache,
 )
 from engine.train_args import add_data_arguments, build_train_parser
-from engine.views import KeyedErasing, KeyedViews
+from engine.views import KeyedViews
 from engine.weights import load_weights
 from kdcore.distributed import init_distributed
 from kdcore.errors import UserError, exit_cleanly_on_user_error
@@ -253,8 +254,7 @@ def build_augmented_cache(args):
     student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args))
     config = resolve_data_settings(args, student, train_set)  # the student's input: the teacher sees it remapped
     train_set.transform = build_train_transform(args, config)
-    erasing = None if args.no_aug or not args.reprob else KeyedErasing(args.reprob, args.remode, args.recount)
-    views = KeyedViews(train_set, augmentation_seed(args), erasing, build_sample_mixing(args))
+    views = KeyedViews(train_set, augmentation_seed(args), build_erasing(args), build_sample_mixing(args))
     teacher_model = build_teacher_model(args, args.num_classes, input_size(args))
     teacher = build_frozen_teacher(args, teacher_model, cached_arrays(args.store), env.device, config)
     val_loader = build_eval_loader(val_set, config, args.validation_batch_size or args.batch_size, args.workers,
@@ -284,8 +284,7 @@ def check_built_cache(args, path):
     student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args))
     config = resolve_data_settings(args, student, train_set)
     train_set.transform = build_train_transform(args, config)
-    erasing = None if args.no_aug or not args.reprob else KeyedErasing(args.reprob, args.remode, args.recount)
-    views = KeyedViews(train_set, augmentation_seed(args), erasing, build_sample_mixing(args))
+    views = KeyedViews(train_set, augmentation_seed(args), build_erasing(args), build_sample_mixing(args))
     teacher = build_frozen_teacher(args, build_teacher_model(args, args.num_classes, input_size(args)),
                                    cached_arrays(args.store), args.device, config)
     check_run_teacher_cache(args, cached, teacher, views, build_batch_builder(args, config, args.num_classes))
