@@ -24,7 +24,7 @@ from engine.plugins import add_import_argument, import_modules_of_command_line
 from engine.train_args import add_data_arguments
 from engine.weights import load_weights, read_checkpoint, recorded_args
 from kdcore.distributed import DistEnv
-from kdcore.errors import UserError, exit_cleanly_on_user_error
+from kdcore.errors import UserError, exit_cleanly_on_error
 from kdcore.io import atomic_write_text, csv_text
 from kdcore.precision import AMP_DTYPES, autocast_context, default_device
 
@@ -89,7 +89,7 @@ def _fill_from_checkpoint(args, checkpoint):
             args.dataset = args.dataset or recorded["dataset"]
 
 
-@exit_cleanly_on_user_error
+@exit_cleanly_on_error
 def main(argv=None):
     import_modules_of_command_line(argv)  # before the parser: their datasets are valid --dataset choices
     args = build_parser().parse_args(argv)

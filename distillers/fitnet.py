@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcore.errors import UserError
-from kdcore.features import PAPER_STAGES, FeatureRequest
+from kdcore.features import PAPER_STAGES, FeatureRequest, paper_stage
 
 from .base import Distiller, fp32_loss
 from .registry import register_distiller
@@ -104,7 +104,7 @@ class FitNet(Distiller):
     @classmethod
     def add_arguments(cls, parser):
         g = parser.add_argument_group("FitNets")
-        g.add_argument("--fitnet-stage", type=int, nargs="+", default=list(PAPER_STAGES),
+        g.add_argument("--fitnet-stage", type=paper_stage, nargs="+", default=list(PAPER_STAGES),
                        help="paper stages (1-4) that get a hint loss")
         g.add_argument("--fitnet-loss-weight", type=float, default=1.0,
                        help=f"weight of the summed hint losses (times a fixed {HINT_SCALE}, as the RSD code)")

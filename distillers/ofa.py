@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kdcore.distributed import gather_no_grad, gather_with_grad
 from kdcore.errors import UserError
-from kdcore.features import FeatureRequest
+from kdcore.features import FeatureRequest, paper_stage
 
 from .base import Distiller, fp32_loss
 from .branches import StageBranches
@@ -93,7 +93,7 @@ class OFA(Distiller):
     @classmethod
     def add_arguments(cls, parser):
         g = parser.add_argument_group("OFA")
-        g.add_argument("--ofa-stage", type=int, nargs="*", default=[1, 2, 3, 4],
+        g.add_argument("--ofa-stage", type=paper_stage, nargs="*", default=[1, 2, 3, 4],
                        help="paper stages with a branch; none = final logits only (RSD paper, Table 5)")
         g.add_argument("--ofa-eps", type=float, nargs="+", default=[1.0],
                        help="target-enhancement exponent: one value, or one per stage then one for the logits")

@@ -18,7 +18,7 @@ from torch import nn
 
 from kdcore.distributed import gather_no_grad, gather_with_grad
 from kdcore.errors import UserError
-from kdcore.features import FeatureRequest
+from kdcore.features import FeatureRequest, paper_stage
 
 from .base import Distiller, fp32_loss
 from .branches import StageBranches
@@ -112,7 +112,7 @@ class RSD(Distiller):
         g.add_argument("--rsd-no-aad", action="store_true", help="ablation: no AAD (needs D_s == D_t)")
         g.add_argument("--rsd-target", default="embedding", choices=("embedding", "logits"),
                        help="logits: RSD between student and teacher logits, no AAD (paper, Table 5)")
-        g.add_argument("--rsd-branch-stage", type=int, nargs="*", default=[],
+        g.add_argument("--rsd-branch-stage", type=paper_stage, nargs="*", default=[],
                        help="paper stages whose OFA branch logits also get lambda * L_rsd against the teacher "
                             "logits (paper, Table 7)")
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from kdcore.errors import UserError
 from kdcore.io import atomic_save
 
+from .faults import share_write_outcome
 from .weights import read_checkpoint
 
 CHECKPOINT_VERSION = 3  # 2: one RNG state per process and the epoch history; 3: CRD/RichKD state under contrast.
@@ -64,6 +65,7 @@ def training_state(run, epoch, rng_states):
     return {
         "version": CHECKPOINT_VERSION, "epoch": epoch, "global_step": run.progress.global_step,
         "arch": run.args.model, "args": vars(run.args),  # "arch" as in timm's own checkpoints
+        "given_args": run.given_args,  # as the run's first launch gave them: what a resume compares flags with
         "state_dict": run.student.state_dict(),
         "state_dict_ema": run.emas[0].module.state_dict() if run.emas else None,
         "ema_states": [ema.state_dict() for ema in run.emas],
@@ -100,19 +102,38 @@ def prune_recovery_files(folder, newest, keep):
         os.remove(recovery_path(folder, epoch, step))
 
 
+def written_by_main_process(run, name, write):
+    """`write()` on rank 0, then every rank learns its outcome (a collective): a failed write stops all of them
+    with the same StorageFailure; a successful one marks the run as holding a checkpoint."""
+    error = None
+    if run.env.is_main:
+        try:
+            write()
+        except OSError as exc:
+            error = exc
+    share_write_outcome(run, error, name)
+    run.has_checkpoint = True
+
+
 def save_recovery(run, epoch, epoch_step, epoch_losses):
     """A mid-epoch checkpoint after `epoch_step` optimizer updates of `epoch`: the epoch checkpoint's states
     plus the position, the epoch's loss sums so far (`LossTracker.state`) and every process's EMA buffers
     (`ema_buffers`: they differ between processes mid-epoch). A collective: every process
-    calls it at the same step. The oldest files beyond --checkpoint-hist go once the new one is on disk."""
+    calls it at the same step. The oldest files beyond --checkpoint-hist go once the new one is on disk.
+    Returns the file's path."""
     rng_states = gather_rng_states(run.env.world_size)
     emas_by_rank = gather_objects(ema_buffers(run.emas), run.env.world_size)
-    if not run.env.is_main:
-        return
-    state = {**training_state(run, epoch, rng_states), "epoch_step": epoch_step, "epoch_losses": epoch_losses,
-             "ema_buffers": emas_by_rank}
-    atomic_save(state, recovery_path(run.folder, epoch, epoch_step))
-    prune_recovery_files(run.folder, (epoch, epoch_step), run.args.checkpoint_hist)
+    path = recovery_path(run.folder, epoch, epoch_step)
+
+    def write():
+        state = {**training_state(run, epoch, rng_states), "epoch_step": epoch_step, "epoch_losses": epoch_losses,
+                 "ema_buffers": emas_by_rank}
+        atomic_save(state, path)
+        prune_recovery_files(run.folder, (epoch, epoch_step), run.args.checkpoint_hist)
+
+    run.where = f"epoch {epoch} step {epoch_step} (recovery checkpoint)"
+    written_by_main_process(run, os.path.basename(path), write)
+    return path
 
 
 def restore_training_state(ckpt, run, optimizer_state=True):
@@ -141,7 +162,7 @@ def restore_training_state(ckpt, run, optimizer_state=True):
 
 def read_training_checkpoint(path):
     """A checkpoint written by `training_state`, checked before anything is built from it."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, label="--resume checkpoint")
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "version" not in ckpt:
         raise UserError(f"--resume {path!r} is not a training checkpoint of this repo (last.pth.tar); to start "
                         f"from weights only, use --initial-checkpoint")

@@ -19,19 +19,29 @@ INCLUDE, OVERRIDES = "include", "distiller_overrides"
 NOT_SETTABLE = ("help", "config")  # argument names a config may not set
 
 
+def _convert_one(action, value):
+    if isinstance(value, str):
+        return action.type(value)
+    if action.type is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+        raise ValueError(f"{value!r} is not an integer")
+    if action.type in (int, float) and not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number")
+    if action.type in (int, float):
+        return action.type(value)
+    return action.type(str(value))  # a checking type (a paper stage): as the command line's text
+
+
 def _convert(action, value):
     """Apply the argument's type to YAML scalars, as argparse does for strings on the command line.
 
     PyYAML reads `5e-4` (no dot) as a string, so a config's numbers are converted the same way the
-    command line's are.
+    command line's are; a number where an integer is expected must be whole (8.5 is refused, 8.0 is 8).
     """
-    if action.type is None:
+    if action.type is None or value is None:
         return value
     if isinstance(value, list):
-        return [action.type(v) if isinstance(v, str) else v for v in value]
-    if isinstance(value, str):
-        return action.type(value)
-    return value
+        return [_convert_one(action, v) for v in value]
+    return _convert_one(action, value)
 
 
 def _read_mapping(path):
@@ -56,10 +66,15 @@ def _arguments(parser, path, values, where, forbidden=NOT_SETTABLE):
         raise UserError(f"config {path!r}: unknown key(s) {', '.join(unknown)}{where}; keys are argument names "
                         f"with underscores (e.g. batch_size for --batch-size): fix or remove them "
                         f"(`python train.py --help` lists every argument)")
-    try:
-        return {k: _convert(actions[k], v) for k, v in values.items()}
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"config {path!r}: a value has the wrong type ({exc})") from None
+    converted = {}
+    for key, value in values.items():
+        try:
+            converted[key] = _convert(actions[key], value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            kind = getattr(actions[key].type, "__name__", "value")
+            raise UserError(f"config {path!r}: {key}{where}: {value!r} is not a valid {kind} ({exc}); fix the "
+                            f"value (the command line's --{key.replace('_', '-')} takes the same)") from None
+    return converted
 
 
 def _distiller_overrides(parser, path, table):
@@ -126,7 +141,7 @@ def save_args_yaml(args, path):
 
 # What a resumed run may change; everything else comes from the run's checkpoint and must agree if given.
 RESUME_MAY_CHANGE = ("epochs", "workers", "log_interval", "data_dir", "teacher_pretrained", "no_eval_teacher",
-                     "validation_batch_size", "recovery_interval", "checkpoint_hist")
+                     "validation_batch_size", "recovery_interval", "checkpoint_hist", "dist_timeout", "stop_signals")
 _PER_LAUNCH = ("resume", "config", "local_rank", "no_resume_opt")
 
 
@@ -142,20 +157,35 @@ def explicit_arguments(parser, argv=None):
             action.default = default
 
 
-def resumed_arguments(parser, argv, recorded):
-    """The arguments of a resumed run: the run's own (`recorded` in its checkpoint), with the launch-specific
-    ones and the few of RESUME_MAY_CHANGE taken from `argv`. Any other flag given again must agree."""
+def _agrees(name, value, recorded, recorded_given, defaults):
+    """Whether a flag given again agrees with the run: with what the run was given (its default if it was not
+    given), or with the value the run resolved. A checkpoint that records no given arguments (written before
+    they were recorded) is compared with its resolved ones only."""
+    if name in recorded and recorded[name] == value:
+        return True
+    return recorded_given is not None and recorded_given.get(name, defaults.get(name)) == value
+
+
+def resumed_arguments(parser, argv, recorded, recorded_given=None):
+    """The arguments of a resumed run: the run's own (`recorded` in its checkpoint, resolved), with the
+    launch-specific ones and the few of RESUME_MAY_CHANGE taken from `argv`. Any other flag given again must agree
+    with the run (`_agrees`), so the run's identical command line is accepted."""
     given = explicit_arguments(parser, argv)
-    conflicts = [name for name, value in given.items()
-                 if name not in RESUME_MAY_CHANGE + _PER_LAUNCH and name in recorded and recorded[name] != value]
+    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+    conflicts = [name for name, value in given.items() if name not in RESUME_MAY_CHANGE + _PER_LAUNCH
+                 and (name in recorded or recorded_given is not None)
+                 and not _agrees(name, value, recorded, recorded_given, defaults)]
     if conflicts:
-        flags = ", ".join(f"--{name.replace('_', '-')} {given[name]!r} (the run has {recorded[name]!r})"
+        def was(name):
+            if recorded_given is not None:
+                return repr(recorded_given.get(name, defaults.get(name)))
+            return repr(recorded.get(name))
+        flags = ", ".join(f"--{name.replace('_', '-')} {given[name]!r} (the run has {was(name)})"
                           for name in conflicts)
         may_change = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_MAY_CHANGE)
         raise UserError(f"--resume continues a run with its own arguments (its args.yaml), but {flags}; drop those "
                         f"flags, or start a new run from its weights with --initial-checkpoint. On resume only "
                         f"{may_change} may change")
-    defaults = {action.dest: action.default for action in parser._actions if action.dest != "help"}
     merged = {**defaults, **recorded}  # flags added since the checkpoint was written take their defaults
     merged.update({name: value for name, value in given.items() if name in RESUME_MAY_CHANGE})
     merged.update({name: given.get(name, defaults[name]) for name in _PER_LAUNCH})  # this launch's, not the run's

@@ -7,8 +7,13 @@ Evaluation: on CUDA timm's loader (uint8 batches normalised on the GPU by its `P
 torchvision's pipeline in the workers. timm's batch Mixup/CutMix runs on the device on normalised images (mixing
 commutes with the per-channel normalisation, so this equals mixing the raw images).
 """
+import functools
 import multiprocessing
 import multiprocessing.forkserver
+import os
+import signal
+import threading
+import time
 
 import torch
 from timm.data import Mixup, create_transform, resolve_data_config
@@ -33,6 +38,55 @@ def resolve_data_settings(args, model, dataset):
     return resolve_data_config(overrides, model=model)
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+def ignore_stop_signals():
+    """Ignore the signals that ask a run to stop, in the fork server (engine/worker_signals.py) and in each
+    loader worker (`start_worker`). SLURM signals every process of a job, and torchrun a worker's whole process
+    group: the loader must keep serving until the training process has written its recovery checkpoint."""
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def process_gone(pid):
+    """Whether process `pid` has ended (a zombie, not yet reaped by its parent, has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel (a zombie then counts as alive)
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+
+
+def _serve_training_process(training_pid):
+    """A loader worker's watch: SIGTERM (blocked in every thread) is taken here; it ends the worker when the
+    training process sent it (its DataLoader or multiprocessing shutting the workers down) and is ignored
+    otherwise (SLURM or torchrun signalling every process). The worker also ends within half a second of the
+    training process."""
+    while True:
+        info = signal.sigtimedwait({signal.SIGTERM}, 0.5)
+        if (info is not None and info.si_pid == training_pid) or process_gone(training_pid):
+            os._exit(0)
+
+
+def start_worker(training_pid, worker_id):
+    """The loaders' worker_init_fn (after torch's own handlers, whose SIGTERM handler ends a worker signalled by
+    anyone but its parent, the fork server here): stop signals ignored, SIGTERM left to `_serve_training_process`.
+    The fork server ignores the signals too and lives while its workers do, so torch's watch of the worker's
+    parent would never fire; the watch of the training process replaces it."""
+    ignore_stop_signals()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_serve_training_process, args=(training_pid,), daemon=True,
+                     name="serve-training-process").start()
+
+
 def worker_processes(workers):
     """DataLoader keyword arguments for `workers` worker processes, started by a fork server.
 
@@ -47,11 +101,14 @@ def worker_processes(workers):
     if workers == 0:
         return dict(num_workers=0)
     if "forkserver" not in multiprocessing.get_all_start_methods():
-        return dict(num_workers=workers, persistent_workers=True)
+        return dict(num_workers=workers, persistent_workers=True,
+                    worker_init_fn=functools.partial(start_worker, os.getpid()))
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])  # read once, when the server starts
+    # read once, when the server starts; worker_signals makes the server and its workers ignore stop signals
+    context.set_forkserver_preload(["__main__", __name__, "engine.worker_signals"])
     multiprocessing.forkserver.ensure_running()
-    return dict(num_workers=workers, multiprocessing_context=context, persistent_workers=True)
+    return dict(num_workers=workers, multiprocessing_context=context, persistent_workers=True,
+                worker_init_fn=functools.partial(start_worker, os.getpid()))
 
 
 def uses_prefetcher(device):

@@ -13,6 +13,7 @@ from kdcore.distributed import all_reduce_sum, world_size
 from kdcore.errors import UserError
 
 from .checkpoint import save_recovery
+from .preemption import stop_if_requested
 from .views import batch_of
 
 
@@ -140,6 +141,7 @@ def train_one_epoch(run, epoch, start_step=0, start_losses=None):
     tracker = LossTracker(**(start_losses or {}))
     step, start = start_step, time.time()
     params = [p for p in run.distiller.parameters() if p.requires_grad]
+    run.where = f"epoch {epoch} step {step + 1}"
     for views, position, group_size in accumulation_groups(loader, accum):
         if position == 0:
             run.optimizer.zero_grad(set_to_none=True)
@@ -164,8 +166,11 @@ def train_one_epoch(run, epoch, start_step=0, start_losses=None):
                 raise UserError(f"the loss became {means['loss']} at epoch {epoch} step {step}; lower --lr, set "
                                 f"--clip-grad, or check the data and teacher (earlier epochs' checkpoints are kept)")
             _log_progress(run, epoch, step, steps, step - start_step, start, len(batch) * accum, means)
-        if args.recovery_interval and progress.global_step % args.recovery_interval == 0 and step < steps:
+        saved = bool(args.recovery_interval and progress.global_step % args.recovery_interval == 0 and step < steps)
+        if saved:
             save_recovery(run, epoch, step, tracker.state())
+        stop_if_requested(run, epoch, step, tracker.state, saved)
+        run.where = f"epoch {epoch} step {step + 1}"
     return tracker.flush()
 
 

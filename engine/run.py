@@ -1,14 +1,13 @@
 """A training run, assembled by small build steps from parsed arguments.
 
-`build_run(args, checkpoint)` checks every input and creates the run folder only once they are all good.
+`build_run(args, start)` checks every input and creates the run folder only once they are all good; `start`
+(engine/run_folder.py) says whether the run continues a checkpoint.
 Models are built from the same seed on every process (so the student, the distiller's extra modules and
 the EMAs start identical everywhere); only data order and augmentation use per-process seeds.
 """
 import argparse
 import logging
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -26,6 +25,7 @@ from kdcore.errors import UserError
 from kdcore.io import atomic_write_csv, remove_stale_temporaries
 from kdcore.precision import autocast_context, resolve_teacher_precision
 
+from .arg_ranges import check_ranges
 from .batchnorm import convert_sync_batchnorm
 from .checkpoint import restore_training_state
 from .config import save_args_yaml
@@ -34,6 +34,9 @@ from .loader import build_batch_builder, build_loaders, load_datasets, mixes, re
 from .loop import updates_per_epoch
 from .models import RATE_FLAGS, count_parameters, create_model
 from .optim import build_optimizer, resolve_lr
+from .preemption import StopRequests, remove_preempted_marker
+from .run_folder import ResumePoint, check_fresh_folder, decided_by_main_process, named_folder
+from .run_log import Scalars, make_logger
 from .sources import FrozenSource, build_extra_sources, build_frozen_teacher, build_teacher_model
 from .teacher_cache import CachedTeacher, check_run_teacher_cache, open_run_teacher_cache
 from .views import BatchBuilder
@@ -88,8 +91,13 @@ class Run:
     folder: str
     log: logging.Logger
     progress: Progress = field(default_factory=Progress)
-    writer: Any = None  # TensorBoard, rank 0 only
+    writer: Optional[Scalars] = None  # TensorBoard, rank 0 only
     teacher_metrics: Optional[dict] = None
+    given_args: dict = field(default_factory=dict)  # the arguments as the first launch gave them (resume compares)
+    stops: StopRequests = field(default_factory=StopRequests)  # set by the stop signals' handlers
+    created_folder: bool = False  # this launch made the run folder (removed if it fails before a checkpoint)
+    has_checkpoint: bool = False  # the folder holds a checkpoint of this run
+    where: str = "start-up"  # where the run stands, for the messages of faults
 
 
 def ema_prefixes(args):
@@ -100,7 +108,7 @@ def ema_prefixes(args):
 
 
 def check_arguments(args, env):
-    """Inputs that can be refused before anything is built."""
+    """Inputs that can be refused before anything is built (the ranges are checked before this)."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (it is per process), got {args.batch_size}")
     if args.epochs < 1:
@@ -113,7 +121,7 @@ def check_arguments(args, env):
         raise UserError(f"--torchcompile-mode {args.torchcompile_mode} needs --compile; add it or drop the mode")
     if args.mixup_off_epoch < 0:
         raise UserError(f"--mixup-off-epoch must be 0 (mix every epoch) or an epoch number, got {args.mixup_off_epoch}")
-    if args.lr is not None and args.lr_base is not None and not args.resume:
+    if args.lr is not None and args.lr_base is not None and args.resume in ("", "auto"):  # a fresh run
         raise UserError(f"--lr {args.lr:g} and --lr-base {args.lr_base:g} are both set (--lr perhaps by the -c "
                         f"config): keep one. --lr is the learning rate itself, --lr-base is scaled by the global "
                         f"batch (to drop a config's lr, include the config in your own with `lr: null`)")
@@ -160,9 +168,29 @@ def build_student(args):
     student = create_model(args.model, num_classes=args.num_classes, img_size=input_size(args),
                            pretrained=args.pretrained, pretrained_path=args.pretrained_path, drop_rate=args.drop,
                            drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, **args.model_kwargs)
+    check_input_fits(student, args)
     if args.initial_checkpoint:
         load_weights(student, args.initial_checkpoint, args.model, role="initial")
     return student
+
+
+def check_input_fits(student, args):
+    """One image of the --img-size/--input-size given through the student (eval mode, no grad): a size the
+    architecture cannot take (smaller than a ViT's patch, not a multiple of Swin's windows) is refused by name."""
+    size = input_size(args)
+    if not size:
+        return  # the model's own
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            student(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"--img-size {size} does not fit --model {args.model} ({first_line}); choose an input size "
+                        f"the architecture takes (a multiple of its patch size and windows)") from None
+    finally:
+        student.train(was_training)
 
 
 def build_data(args, env, student, train_set, val_set, kind):
@@ -209,46 +237,21 @@ def wrap_for_training(distiller, env):
     return DistributedDataParallel(distiller, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
 
-def run_folder(args):
-    """The folder of this run: the resumed checkpoint's, or a new one under --output (never reused)."""
-    if args.resume:
-        return os.path.dirname(os.path.abspath(args.resume))
-    default = "-".join(
-        [time.strftime("%Y%m%d-%H%M%S"), args.distiller, args.model] + ([args.teacher] if args.teacher else []))
-    name = args.experiment or default.replace(":", "_").replace("/", "_")  # hf-hub:org/repo model names
-    folder = os.path.join(args.output, name)
-    if os.path.exists(os.path.join(folder, "last.pth.tar")):
-        raise UserError(f"run folder {folder!r} already holds a run; continue it with --resume "
-                        f"{folder}/last.pth.tar or choose another --experiment")
-    return folder
+def join_processes(args):
+    """This process's DistEnv (the process group joined), once the values it needs are checked."""
+    check_ranges(args)
+    return init_distributed(args.device, args.local_rank, args.dist_timeout)
 
 
-def close_log():
-    """Close and drop the run log's handlers (its log.txt), e.g. those of an earlier run in this process."""
-    log = logging.getLogger("train")
-    for handler in list(log.handlers):
-        handler.close()
-        log.removeHandler(handler)
+def build_run(args, start=None, stops=None, given_args=None, env=None):
+    """Check every input and build the run; the run folder is created only once all inputs are good.
 
-
-def make_logger(folder, is_main):
-    close_log()  # a previous run's in this process (a test, a sweep)
-    log = logging.getLogger("train")
-    log.propagate = False
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if is_main:
-        handlers.append(logging.FileHandler(os.path.join(folder, "log.txt")))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        log.addHandler(handler)
-    return log
-
-
-def build_run(args, checkpoint=None):
-    """Check every input and build the run; the run folder is created only once all inputs are good."""
-    env = init_distributed(args.device, args.local_rank)
+    `start` (a ResumePoint) holds the checkpoint the run continues, if any; `stops` the stop requests the
+    signal handlers set; `given_args` the arguments as given (recorded in checkpoints for later resumes);
+    `env` the process group already joined (`join_processes`), if it was."""
+    start = start or ResumePoint()
+    check_ranges(args)
+    env = env or init_distributed(args.device, args.local_rank, args.dist_timeout)
     random_seed(args.seed, 0)  # the same on every process while models are built
     check_arguments(args, env)
     lr_origin = resolve_lr(args, env.world_size)
@@ -304,21 +307,33 @@ def build_run(args, checkpoint=None):
     emas = build_emas(args, student)
     random_seed(args.seed, env.rank)  # from here on: per-process data order and augmentation
 
-    folder = run_folder(args)  # created only now that every input has been checked
-    if env.is_main:
+    if start.checkpoint is not None:
+        folder = os.path.dirname(os.path.abspath(start.path))
+    else:
+        folder = start.folder or named_folder(args)
+        decided_by_main_process(lambda: check_fresh_folder(folder, resuming_auto=args.resume == "auto"), env)
+    created = not os.path.isdir(folder)
+    if env.is_main:  # created only now that every input has been checked
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)
+        remove_preempted_marker(folder)
         save_args_yaml(args, os.path.join(folder, "args.yaml"))
     run = Run(args=args, env=env, data=data, student=student, distiller=distiller, model=model, teacher=teacher,
               sources=sources,
               optimizer=optimizer, scheduler=scheduler, scaler=scaler, emas=emas, batches=batches, autocast=autocast,
-              folder=folder, log=make_logger(folder, env.is_main))
-    report_startup(run, precision_reason if args.teacher else "", lr_origin)
-    if checkpoint is not None:
-        resume(run, checkpoint)
+              folder=folder, log=make_logger(folder, env.is_main), given_args=given_args or {},
+              stops=stops or StopRequests(), created_folder=created and env.is_main,
+              has_checkpoint=start.checkpoint is not None)
     if env.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        run.writer = SummaryWriter(log_dir=folder)
+        for note in start.notes:
+            run.log.info(note)
+        for warning in start.warnings:
+            run.log.warning(f"warning: {warning}")
+    report_startup(run, precision_reason if args.teacher else "", lr_origin)
+    if start.checkpoint is not None:
+        resume(run, start.checkpoint)
+    if env.is_main:
+        run.writer = Scalars(folder)
     return run
 
 

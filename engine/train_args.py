@@ -1,5 +1,6 @@
 """train.py's arguments: timm train.py names, so the paper's YAML configs and command lines work unchanged."""
 import argparse
+import sys
 
 from timm.utils import ParseKwargs
 
@@ -9,6 +10,18 @@ from kdcore.sources import add_input_spec_arguments
 
 from .datasets import dataset_names
 from .plugins import add_import_argument
+from .preemption import DEFAULT_SIGNALS as DEFAULT_STOP_SIGNALS
+
+DEFAULT_DIST_TIMEOUT_S = 1800
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A parser whose errors are one `error:` line (exit 2) instead of the whole usage text before it."""
+
+    def error(self, message):
+        print(f"error: {message} (`{self.prog} --help` lists the arguments)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
@@ -40,7 +53,7 @@ def add_data_arguments(p):
 
 
 def build_train_parser(distiller_registry):
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         description="Cross-architecture knowledge distillation (RSD, KD, ...) on timm models.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", default="", help="YAML file of argument defaults (keys are argument names)")
@@ -169,7 +182,9 @@ def build_train_parser(distiller_registry):
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--output", default="output/train", help="parent folder of run folders")
     g.add_argument("--experiment", default="", help="run folder name (default: time-distiller-model-teacher)")
-    g.add_argument("--resume", default="", help="continue the run of this last.pth.tar (in its own folder)")
+    g.add_argument("--resume", default="", metavar="PATH|auto",
+                   help="continue the run of this checkpoint (in its own folder); auto: from the newest loadable "
+                        "checkpoint of --output/--experiment, or a fresh start when it has none")
     g.add_argument("--no-resume-opt", action="store_true",
                    help="with --resume: restore the weights (student, EMAs, distiller modules) and the position "
                         "in the run, but start the optimizer, lr scheduler and AMP scaler afresh")
@@ -179,6 +194,12 @@ def build_train_parser(distiller_registry):
     g.add_argument("--checkpoint-hist", type=int, default=10, help="recovery checkpoints kept (the latest)")
     g.add_argument("--eval-metric", default="top1", help="top1, top5 or loss (ema_top1 ... with --model-ema); "
                    "picks best.pth.tar and drives --sched plateau")
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S, metavar="SECONDS",
+                   help="how long a collective waits for the other processes before every process exits with code 3 "
+                        "(a peer that hangs); above the longest rank-0-only section, the checkpoint writes")
+    g.add_argument("--stop-signals", nargs="+", default=list(DEFAULT_STOP_SIGNALS), metavar="SIGNAL",
+                   help="signals that stop the run at the next optimizer update with a recovery checkpoint "
+                        "(exit code 75; requeue with --resume auto); a second one exits at once")
     g.add_argument("--dist-bn", default="reduce", choices=("reduce", "broadcast", ""),
                    help="make BatchNorm statistics identical on every process before evaluating and saving: "
                         "average them (reduce) or take rank 0's (broadcast); '' leaves them per process")

@@ -5,8 +5,10 @@ import time
 from kdcore.io import atomic_copy, atomic_save, atomic_write_csv
 
 from .batchnorm import sync_batchnorm_stats
-from .checkpoint import gather_rng_states, training_state
+from .checkpoint import gather_rng_states, training_state, written_by_main_process
+from .faults import as_fault
 from .loop import current_lr, evaluate, format_seconds, train_one_epoch
+from .preemption import stop_if_requested
 from .run import ema_prefixes
 from .teacher_cache import CachedTeacher
 
@@ -45,18 +47,32 @@ def evaluate_epoch(run):
 def save_epoch(run, epoch, is_best):
     """last.pth.tar first, then summary.csv from the history it holds, then the best copies; each atomic."""
     rng_states = gather_rng_states(run.env.world_size)  # every process takes part
-    if not run.env.is_main:
-        return
     folder = run.folder
-    atomic_save(training_state(run, epoch, rng_states), os.path.join(folder, "last.pth.tar"))
-    atomic_save(run.student.state_dict(), os.path.join(folder, "student_last.pth"))
-    atomic_write_csv(run.progress.history, os.path.join(folder, "summary.csv"))
-    if is_best:
-        atomic_copy(os.path.join(folder, "last.pth.tar"), os.path.join(folder, "best.pth.tar"))
-        atomic_copy(os.path.join(folder, "student_last.pth"), os.path.join(folder, "student_best.pth"))
+
+    def write():
+        atomic_save(training_state(run, epoch, rng_states), os.path.join(folder, "last.pth.tar"))
+        atomic_save(run.student.state_dict(), os.path.join(folder, "student_last.pth"))
+        atomic_write_csv(run.progress.history, os.path.join(folder, "summary.csv"))
+        if is_best:
+            atomic_copy(os.path.join(folder, "last.pth.tar"), os.path.join(folder, "best.pth.tar"))
+            atomic_copy(os.path.join(folder, "student_last.pth"), os.path.join(folder, "student_best.pth"))
+
+    run.where = f"the end of epoch {epoch} (checkpoint)"
+    written_by_main_process(run, "the epoch checkpoint (last.pth.tar, summary.csv, best copies)", write)
 
 
 def train(run):
+    """The run's epochs; a fault of the machine (a lost peer, a dead loader worker) comes out as its RunFault."""
+    try:
+        return train_epochs(run)
+    except RuntimeError as exc:  # torch.distributed's and the DataLoader's errors are RuntimeErrors
+        fault = as_fault(exc, run)
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def train_epochs(run):
     args, env, log, progress = run.args, run.env, run.log, run.progress
     if isinstance(run.teacher, CachedTeacher):
         run.teacher_metrics = run.teacher.metrics
@@ -64,6 +80,7 @@ def train(run):
             log.info(f"Teacher {args.teacher}: top-1 {run.teacher_metrics['top1']:.2f}  "
                      f"top-5 {run.teacher_metrics['top5']:.2f}  (validation set, recorded when the cache was built)")
     elif run.teacher is not None and not args.no_eval_teacher:
+        run.where = "the teacher's evaluation at start-up"
         run.teacher_metrics = evaluate(run.teacher.predict, run.data.val_loader, env,
                                        channels_last=args.channels_last)
         log.info(f"Teacher {args.teacher}: top-1 {run.teacher_metrics['top1']:.2f}  "
@@ -71,9 +88,12 @@ def train(run):
     wall_start = time.time()
     metrics = {}
     for epoch in range(progress.start_epoch, args.epochs):
+        if epoch > progress.start_epoch:
+            stop_if_requested(run, epoch)  # a signal during the evaluation or the checkpoint
         switch_off_mixup(run, epoch)
         start = (progress.start_step, progress.start_losses) if epoch == progress.start_epoch else (0, None)
         train_metrics = train_one_epoch(run, epoch, *start)
+        run.where = f"the evaluation of epoch {epoch}"
         metrics = evaluate_epoch(run)
         log.info(f"Eval: {epoch}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         value = metrics[args.eval_metric]

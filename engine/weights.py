@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from timm.models import clean_state_dict
 
-from kdcore.errors import UserError
+from kdcore.errors import UnreadableFile, UserError
 
 
 def recorded_args(checkpoint):
@@ -50,8 +50,13 @@ def read_checkpoint(path, label="checkpoint"):
                             f"argparse.Namespace ({', '.join(refused[:6])}): refused, as unpickling them (torch.load "
                             f"without weights_only=True) can run arbitrary code; where you trust the file, re-save "
                             f"only its weights, e.g. torch.save(model.state_dict(), 'weights.pth')") from None
-        raise UserError(f"cannot read {label} {path!r} as a PyTorch file (torch.load, weights_only=True) or a "
-                        f".safetensors file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        if os.path.getsize(path) == 0:
+            raise UnreadableFile(f"{label} {path!r} is empty (0 bytes), perhaps from a write that was cut short; "
+                                 f"pass a complete file") from None
+        first_line = (str(exc).strip().splitlines() or ["no message"])[0][:200]
+        raise UnreadableFile(f"cannot read {label} {path!r} as a PyTorch file (torch.load, weights_only=True) or "
+                             f"a .safetensors file ({type(exc).__name__}: {first_line}); it may be truncated: pass "
+                             f"a complete file") from None
 
 
 def _refused_types(path):
@@ -121,7 +126,9 @@ def load_weights(model, path, model_name, use_ema=False, role="model", checkpoin
     """Strictly load `path` (or its already-read `checkpoint`) into `model`, converting an older timm layout
     of the same architecture first; errors name the mismatch and fix. The one loading path for every file
     of weights (teacher, --initial-checkpoint, validate.py, RichKD's source, the cache tool)."""
-    state = extract_state_dict(read_checkpoint(path) if checkpoint is None else checkpoint, path, use_ema)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path, label=f"{role} checkpoint")
+    state = extract_state_dict(checkpoint, path, use_ema)
     state = convert_layout(state, model)
     own = model.state_dict()
     for head in classifier_weight_names(model):

@@ -1,8 +1,10 @@
 """torch.distributed set-up for torchrun / torch.distributed.launch, and global-batch helpers."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +19,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    control: Any = None  # a gloo group for host-side agreement (stop requests, write outcomes); None: the default
 
     @property
     def distributed(self) -> bool:
@@ -29,29 +32,54 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device_arg: str | torch.device, local_rank_arg: int | None = None) -> DistEnv:
-    """Join the process group when launched by torchrun or torch.distributed.launch.
+def init_distributed(device_arg: str | torch.device, local_rank_arg: int | None = None,
+                     timeout_s: float | None = None) -> DistEnv:
+    """Join the process group when launched by torchrun, torch.distributed.launch or directly (as srun does:
+    MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK or SLURM_LOCALID set for each process).
 
     The launchers set WORLD_SIZE/RANK/LOCAL_RANK in the environment; the legacy launcher may also pass
-    `--local_rank`/`--local-rank`. nccl on CUDA, gloo on CPU.
+    `--local_rank`/`--local-rank`. nccl on CUDA (with a gloo group beside it for host-side agreement), gloo on CPU.
 
     Args:
         device_arg: the --device value ('cpu', 'cuda', ...); on CUDA each process takes the GPU of its local rank.
         local_rank_arg: the legacy launcher's --local_rank, used when LOCAL_RANK is not in the environment.
+        timeout_s: how long a collective waits for the other processes before it fails (--dist-timeout); None:
+            torch's default.
 
     Returns:
         This process's `DistEnv` (rank 0 of 1, with no process group, when WORLD_SIZE is unset or 1).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", local_rank_arg or 0)))
     device = torch.device(device_arg)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world_size == 1:
         return DistEnv(device=device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
+                   control=control)
+
+
+def any_process(flag: bool, env: DistEnv) -> bool:
+    """Whether `flag` is true on any process (a collective on the host: it never waits on a GPU stream)."""
+    if not env.distributed:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=env.control)
+    return bool(value.item())
+
+
+def from_main_process(value: Any, env: DistEnv) -> Any:
+    """Rank 0's `value` on every process (a collective: every rank must call it; the others' values are ignored)."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=env.control)
+    return box[0]
 
 
 def world_size() -> int:

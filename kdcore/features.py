@@ -12,6 +12,18 @@ from .errors import UserError
 PAPER_STAGES = (1, 2, 3, 4)
 
 
+def paper_stage(text: str) -> int:
+    """argparse type of a stage flag (--fitnet-stage, --ofa-stage, ...): argparse then names the flag."""
+    import argparse
+    try:
+        stage = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a paper stage (1-4)") from None
+    if stage not in PAPER_STAGES:
+        raise argparse.ArgumentTypeError(f"paper stages are 1-4, got {stage}")
+    return stage
+
+
 @dataclass(frozen=True)
 class FeatureRequest:
     """What one consumer needs from a model; merge the requests of several so the model runs once."""

@@ -3,12 +3,14 @@ repo writes (checkpoints, CSV and JSON records, cache metadata, plots) goes thro
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import hashlib
 import io
 import json
 import os
 import shutil
+import time
 from typing import IO, Any, Callable, Mapping, Sequence, Union
 
 import torch
@@ -37,22 +39,84 @@ def fsync_folder(folder: _Path) -> None:
 def atomic_write(path: _Path, write: Callable[[IO[bytes]], Any]) -> None:
     """`write(file)` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder.
 
+    A failure (a full disk, a quota, an I/O error) removes the temporary file and re-raises: `path` keeps its
+    old contents.
+
     Args:
         path: the file to create or replace; the temporary file is `path` + '.tmp'.
         write: called once with the temporary file, opened for writing bytes; its return value is ignored.
     """
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            _test_faults(os.path.basename(path))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     fsync_folder(os.path.dirname(os.path.abspath(path)))
 
 
+_WRITES_SEEN: dict = {}
+
+
+def _test_faults(name: str) -> None:
+    """Test-only faults inside a write, chosen by environment variables (unset in real runs):
+    KD_TEST_PAUSE_WRITE=PREFIX:FLAG pauses the first write of a file whose name starts with PREFIX, creating the
+    file FLAG and waiting (up to 60 s) until the test removes it; KD_TEST_FAIL_WRITE=NAME:N makes the N-th write
+    of NAME fail as a full disk does (where the tests cannot mount a small tmpfs)."""
+    pause, fail = os.environ.get("KD_TEST_PAUSE_WRITE"), os.environ.get("KD_TEST_FAIL_WRITE")
+    if pause:
+        prefix, flag = pause.split(":", 1)
+        if name.startswith(prefix) and not _WRITES_SEEN.get(("pause", prefix)):
+            _WRITES_SEEN[("pause", prefix)] = True
+            open(flag, "w").close()
+            deadline = time.time() + 60
+            while os.path.exists(flag) and time.time() < deadline:
+                time.sleep(0.01)
+    if fail:
+        target, count = fail.rsplit(":", 1)
+        if name == target:
+            _WRITES_SEEN[("fail", target)] = _WRITES_SEEN.get(("fail", target), 0) + 1
+            if _WRITES_SEEN[("fail", target)] == int(count):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _WriteErrors:
+    """A file whose first failed write is kept: torch.save reports one as a RuntimeError of its zip writer
+    ("unexpected pos ..."), which hides the OSError (no space left, quota exceeded) that the user must act on."""
+
+    def __init__(self, file: IO[bytes]):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(obj: Any, file: IO[bytes]) -> None:
+    recorder = _WriteErrors(file)
+    try:
+        torch.save(obj, recorder)
+    except RuntimeError:
+        if recorder.error is not None:
+            raise recorder.error from None
+        raise
+
+
 def atomic_save(obj: Any, path: _Path) -> None:
-    """torch.save `obj` to `path`, atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save `obj` to `path`, atomically; a failed write raises its OSError."""
+    atomic_write(path, lambda f: _torch_save(obj, f))
 
 
 def atomic_write_text(text: str, path: _Path) -> None:

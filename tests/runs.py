@@ -36,6 +36,9 @@ ONE_PROCESS = [*COMMON, "--model", "test_vit", "--teacher", "test_resnet", "-b",
 TWO_PROCESSES = [*COMMON, "--model", "test_resnet", "--teacher", "test_vit", "-b", "4", "--grad-accum-steps", "2",
                  "--synthetic-train-size", "96", "--distiller", "rsd", "--recovery-interval", "2",
                  "--mixup-pairing", "sample", "--cutmix", "1.0"]
+# torchrun (torch 2.14) exits 1 with a SignalException traceback after it forwarded a SIGTERM, whatever its
+# workers' exit codes; the run's PREEMPTED marker says that the stop was a preemption
+TORCHRUN_SIGTERM_EXIT = 1
 TEACHERS = {1: "test_resnet", 2: "test_vit"}
 STEPS_PER_EPOCH = {1: 8, 2: 6}
 RECOVERY_INTERVAL = {1: 3, 2: 2}
@@ -142,3 +145,102 @@ def assert_same_training_state(reference, resumed, nproc):
         assert reference[key].keys() == resumed[key].keys(), key
         for name, tensor in reference[key].items():
             assert torch.equal(tensor, resumed[key][name]), f"{key}.{name}"
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """train.py started in the background: 'direct' (one process per rank with MASTER_ADDR/PORT, RANK and
+    WORLD_SIZE set, as srun starts them) or 'torchrun' (the launcher, in a session of its own, so that its
+    process group is the launcher's alone). Output goes to `log`."""
+
+    def __init__(self, nproc, args, log, launcher="direct", env=None, torchrun_args=()):
+        self.launcher, self.log = launcher, open(log, "w")
+        base = dict(_env(), **(env or {}))
+        if launcher == "torchrun":
+            command = [sys.executable, *TORCHRUN[:2], *torchrun_args, *TORCHRUN[2:], "train.py", *map(str, args)]
+            self.procs = [subprocess.Popen(command, cwd=REPO, env=base, stdin=subprocess.DEVNULL, stdout=self.log,
+                                           stderr=subprocess.STDOUT, start_new_session=True)]
+        else:
+            port = free_port()
+            self.procs = [subprocess.Popen(
+                [sys.executable, "train.py", *map(str, args)], cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+                env=dict(base, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                         WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank))) for rank in range(nproc)]
+
+    def workers(self):
+        """{rank: pid} of the training processes."""
+        if self.launcher == "direct":
+            return {rank: proc.pid for rank, proc in enumerate(self.procs)}
+        found = {}
+        for pid in process_tree(self.procs[0].pid)[1:]:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if b"train.py" in cmdline and b"torch.distributed.run" not in cmdline and b"RANK" in env:
+                if b"multiprocessing" not in cmdline:
+                    found[int(env[b"RANK"])] = pid
+        return found
+
+    def every_process(self):
+        """The launcher or ranks and everything under them (fork servers, loader workers)."""
+        return [pid for proc in self.procs for pid in process_tree(proc.pid)]
+
+    def signal_all(self, sig):
+        """`sig` to every process of the run, as SLURM signals every process of a job."""
+        for pid in self.every_process():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout):
+        """The exit codes, or None for each process still running after `timeout` s."""
+        deadline = time.time() + timeout
+        codes = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(max(deadline - time.time(), 0.1)))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        return codes
+
+    def kill(self):
+        for proc in self.procs:
+            kill_tree(proc)
+        self.log.close()
+
+
+def wait_for(path, text, timeout=300, after=0, procs=()):
+    """Wait until `path` holds `text` past its first `after` characters; fails if `procs` all end first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and text in open(path).read()[after:]:
+            return
+        if procs and all(p.poll() is not None for p in procs):
+            raise AssertionError(f"the run ended before {text!r} appeared in {path}")
+        time.sleep(0.01)
+    raise AssertionError(f"{text!r} did not appear in {path} within {timeout} s")
+
+
+def alive(pids):
+    """Those of `pids` still running (zombies count as gone)."""
+    running = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    running.append(pid)
+        except OSError:
+            pass
+    return running

@@ -78,7 +78,7 @@ from engine.train_args import add_data_arguments, build_train_parser
 from engine.views import KeyedViews
 from engine.weights import load_weights
 from kdcore.distributed import init_distributed
-from kdcore.errors import UserError, exit_cleanly_on_user_error
+from kdcore.errors import UserError, exit_cleanly_on_error
 from kdcore.features import FeatureRequest, Features, embedding_dim
 from kdcore.io import file_sha256
 from kdcore.precision import TEACHER_DTYPES, autocast_factory, default_device, resolve_teacher_precision
@@ -297,7 +297,7 @@ def views_of(argv):
     return pre.parse_known_args(argv)[0].views
 
 
-@exit_cleanly_on_user_error
+@exit_cleanly_on_error
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     import_modules_of_command_line(argv)  # before the parser: their datasets are valid --dataset choices

@@ -32,7 +32,7 @@ from engine.models import create_model
 from engine.plugins import add_import_argument, import_modules_of_command_line
 from engine.train_args import add_data_arguments
 from engine.weights import load_weights, read_checkpoint, recorded_args
-from kdcore.errors import UserError, exit_cleanly_on_user_error
+from kdcore.errors import UserError, exit_cleanly_on_error
 from kdcore.features import PAPER_STAGES
 from kdcore.io import atomic_write, atomic_write_text, file_sha256
 from tools.cka_metric import MinibatchCKA
@@ -187,7 +187,7 @@ def plot_heatmaps(result, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130, bbox_inches="tight"))
 
 
-@exit_cleanly_on_user_error
+@exit_cleanly_on_error
 def main(argv=None):
     import_modules_of_command_line(argv)  # before the parser: their datasets are valid --dataset choices
     args = build_parser().parse_args(argv)

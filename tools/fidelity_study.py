@@ -39,7 +39,7 @@ from distillers import DISTILLERS
 from engine.config import load_config
 from engine.loop import format_seconds
 from engine.train_args import build_train_parser
-from kdcore.errors import UserError, exit_cleanly_on_user_error
+from kdcore.errors import UserError, exit_cleanly_on_error
 from kdcore.io import atomic_write, atomic_write_csv, atomic_write_text
 from kdcore.machine import cpu_model_name
 from tools.cka import main as cka_main
@@ -312,7 +312,7 @@ def study_settings(opts):
     return config, out, teacher, checkpoint
 
 
-@exit_cleanly_on_user_error
+@exit_cleanly_on_error
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     config, out, teacher, teacher_checkpoint = study_settings(opts)

@@ -21,7 +21,7 @@ from engine.config import parse_args_with_config
 from engine.loader import build_batch_builder, build_loaders, load_datasets, resolve_data_settings
 from engine.train_args import build_train_parser
 from kdcore.distributed import DistEnv
-from kdcore.errors import exit_cleanly_on_user_error
+from kdcore.errors import exit_cleanly_on_error
 from kdcore.machine import cpu_model_name
 
 DEFAULTS = ["--dataset", "fashion_mnist", "--img-size", "32", "-b", "128", "--workers", "1", "--scale", "0.6", "1.0",
@@ -47,7 +47,7 @@ def time_pairing(argv, pairing, batches):
     return images / seconds, handed_over / batches
 
 
-@exit_cleanly_on_user_error
+@exit_cleanly_on_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=40, help="timed batches per pairing")

@@ -14,7 +14,7 @@ sample std over seeds per pairing).
 import argparse
 import os
 
-from kdcore.errors import exit_cleanly_on_user_error
+from kdcore.errors import exit_cleanly_on_error
 from kdcore.io import atomic_write_csv, atomic_write_text
 from tools import fidelity_study as study
 
@@ -58,7 +58,7 @@ def write_outputs(out, rows_by_pairing):
     return rows
 
 
-@exit_cleanly_on_user_error
+@exit_cleanly_on_error
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     out = os.path.abspath(opts.out)

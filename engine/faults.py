@@ -1,0 +1,44 @@
+"""Faults of the machine during a run, turned into one line that names the rank, where the run stood and the
+fix, and an exit code of their own (kdcore.errors): a peer that died or hung, a failed write, a dead loader
+worker. The checkpoints already written stay intact, so each ends with "requeue with --resume auto"."""
+import re
+
+import torch.distributed as dist
+
+from kdcore.distributed import from_main_process
+from kdcore.errors import DataWorkerFailure, PeerFailure, StorageFailure
+
+COLLECTIVE_ERROR = re.compile(r"gloo|nccl|Connection (closed|reset) by peer|Timed out waiting|ProcessGroup|"
+                              r"[Ww]atchdog|DistBackendError", re.IGNORECASE)
+
+
+def _first_line(exc):
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def as_fault(exc, run):
+    """The RunFault `exc` (raised by torch) stands for, or None when it is not a fault of the machine."""
+    rank, where = run.env.rank, run.where
+    text = str(exc)
+    if "DataLoader worker" in text:
+        return DataWorkerFailure(
+            f"rank {rank}: a data-loader worker died at {where} ({_first_line(exc)}); most often it ran out of "
+            f"memory (RAM, or shared memory in /dev/shm): lower --workers (now {run.args.workers}) or "
+            f"--batch-size, then requeue with --resume auto (the checkpoints written so far are intact)")
+    if isinstance(exc, dist.DistError) or (run.env.distributed and COLLECTIVE_ERROR.search(text)):
+        return PeerFailure(
+            f"rank {rank}: a collective at {where} failed ({_first_line(exc)}): another process died, or hung past "
+            f"--dist-timeout {run.args.dist_timeout:g} s (its own output names the cause); the checkpoints written "
+            f"so far are intact: requeue with --resume auto")
+    return None
+
+
+def share_write_outcome(run, error, name):
+    """After rank 0's writes: every rank learns whether they failed (a collective), and all stop together with
+    the same message if they did. `error` is rank 0's OSError (or None); others pass None."""
+    message = from_main_process(None if error is None else str(error), run.env)
+    if message is not None:
+        raise StorageFailure(
+            f"rank {run.env.rank}: writing {name} in {run.folder} failed on rank 0 at {run.where} ({message}); the "
+            f"earlier checkpoints and summary.csv are intact and no partial file is left: free space (or raise "
+            f"the quota) and requeue with --resume auto")
