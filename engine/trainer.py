@@ -65,7 +65,7 @@ def train(run):
     """The run's epochs; a fault of the machine (a lost peer, a dead loader worker) comes out as its RunFault."""
     try:
         return train_epochs(run)
-    except RuntimeError as exc:  # torch.distributed's and the DataLoader's errors are RuntimeErrors
+    except (RuntimeError, OSError) as exc:  # torch.distributed's and the DataLoader's errors
         fault = as_fault(exc, run)
         if fault is None:
             raise
