@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcore.distributed import all_reduce_sum, gather_no_grad, world_size
-from kdcore.errors import UserError
+from kdcore.errors import UserError, warn
 
 from .base import fp32_loss
 
@@ -140,6 +140,11 @@ class ContrastiveMemory(nn.Module):
         if counts.max() == self.num_data:
             raise UserError(f"--distiller {method} draws negatives from other classes, but every training sample "
                             f"has the same class; use a dataset with at least two classes")
+        fewest_others = self.num_data - int(counts.max())
+        if k > fewest_others and not (dist.is_initialized() and dist.get_rank() != 0):
+            warn(f"--crd-k {k} exceeds the {fewest_others} training samples of the other classes (of the largest "
+                 f"class): negatives are drawn with replacement, as in the official code, so they repeat; a "
+                 f"--crd-k of at most {fewest_others} draws each at most about once")
         self.embed_s = L2Embedding(student_width, feat_dim)
         self.embed_t = L2Embedding(teacher_width, feat_dim)
         stdv = 1.0 / math.sqrt(feat_dim / 3)

@@ -54,7 +54,7 @@ def add_data_arguments(p):
 
 def build_train_parser(distiller_registry):
     p = OneLineErrorParser(
-        description="Cross-architecture knowledge distillation (RSD, KD, ...) on timm models.",
+        prog="train.py", description="Cross-architecture knowledge distillation (RSD, KD, ...) on timm models.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", default="", help="YAML file of argument defaults (keys are argument names)")
     add_import_argument(p)

@@ -36,7 +36,7 @@ def run_main(script, *args, cwd=REPO):
     stderr captured and SystemExit caught, from `cwd`. Returns what `run_cli` returns (returncode, stdout,
     stderr) without a subprocess's ~4-7 s of imports. Any other exception propagates, so a crash fails the test
     with its traceback; a clean CLI error (exit 2, one `error:` line) comes back as it would from a process."""
-    from engine.run import close_log
+    from engine.run_log import close_log
     module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()

@@ -9,7 +9,8 @@ from torch._dynamo.utils import counters
 
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
-from engine.run import build_run, close_log
+from engine.run import build_run
+from engine.run_log import close_log
 from engine.train_args import build_train_parser
 from engine.trainer import train
 

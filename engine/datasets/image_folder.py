@@ -35,7 +35,11 @@ def read_image_folder(root: str, split: str, args=None) -> ImageFolder:
     if not os.path.isdir(folder):
         raise UserError(f"ImageNet-style dataset {root!r} has no {split}/ folder; expected {root}/train/<class>/"
                         f"*.JPEG and {root}/val/<class>/*.JPEG")
-    dataset = ImageFolder(folder, loader=load_image_file)
+    try:
+        dataset = ImageFolder(folder, loader=load_image_file)
+    except FileNotFoundError as exc:  # torchvision: a class folder without any image file
+        raise UserError(f"ImageNet-style dataset {root!r}, {split}/: {exc}; add images to those class folders or "
+                        f"remove them") from None
     dataset.num_classes = len(dataset.classes)
     dataset.source = root
     return dataset
