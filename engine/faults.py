@@ -38,7 +38,6 @@ def lost_a_loader_worker(exc):
 def as_fault(exc, run):
     """The RunFault `exc` (raised by torch) stands for, or None when it is not a fault of the machine."""
     rank, where = run.env.rank, run.where
-    text = str(exc)
     if run.args.workers > 0 and lost_a_loader_worker(exc):
         return DataWorkerFailure(
             f"rank {rank}: a data-loader worker died at {where} ({_first_line(exc)}); most often it ran out of "

@@ -13,7 +13,6 @@ import multiprocessing.forkserver
 import os
 import signal
 import threading
-import time
 
 import torch
 from timm.data import Mixup, create_transform, resolve_data_config

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdcore.errors import UserError
+from kdcore.errors import EXIT_PREEMPTED, Preempted, UserError
 from kdcore.features import FeatureRequest
 from kdcore.io import file_sha256
 from kdcore.machine import cpu_model_name
@@ -189,11 +189,13 @@ def dry_run(views, builder, teacher, size, batch_size, loader_kwargs, epoch=0):
 
 
 def write_teacher_cache(path, views, builder, teacher, identity, source, widths, epochs, batch_size, dtype, env,
-                        loader_kwargs, teacher_eval=None, barrier=None, topk=None):
+                        loader_kwargs, teacher_eval=None, barrier=None, topk=None, should_stop=None):
     """Write (or finish) the cache at `path`: for each epoch, every index's view in index order, in batches of
     `batch_size`, through `builder` (normalise, erase, mix) and `teacher`. Processes take the batches in turn,
     each writing its own rows; after every round of batches (one per process) they meet at `barrier` and the
-    first records the progress, so a killed build resumes at the last finished round. Returns the path."""
+    first records the progress, so a killed build resumes at the last finished round. After each recorded round
+    `should_stop()` (a collective: the stop signals of any process) may end the build with `Preempted`; the
+    same command continues it. Returns the path."""
     needed = storage_bytes(epochs, identity["size"], widths, dtype, topk)
 
     def open_writer():
@@ -229,6 +231,11 @@ def write_teacher_cache(path, views, builder, teacher, identity, source, widths,
             if env.rank == 0:
                 writer.mark_done(done)
                 bar.update(done - bar.n)
+            if should_stop is not None and should_stop():
+                bar.close()
+                raise Preempted(f"rank {env.rank}: the cache build stopped by a signal after {done} of "
+                                f"{writer.total} views, all recorded in {path}{PARTIAL_SUFFIX}: run the same command "
+                                f"again to continue (exit code {EXIT_PREEMPTED})")
     bar.close()
     return writer.finish() if env.rank == 0 else writer.path
 

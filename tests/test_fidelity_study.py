@@ -144,18 +144,17 @@ def test_seed_changes_initialisation_and_data_order_not_the_subset(tmp_path):
 
 
 def test_finished_runs_are_skipped_half_finished_ones_resumed(tmp_path):
+    """One command for every start of a run: --resume auto continues a half-finished one (train.py's tests)."""
     folder = tmp_path / "pair" / "kd" / "seed3"
-    fresh = study.train_command("cfg.yaml", str(folder), "deit_demo_32", "kd", 3, "/t.pth", ["--epochs", "1"])
-    assert fresh[2:] == ["-c", "cfg.yaml", "--model", "deit_demo_32", "--distiller", "kd", "--seed", "3",
-                         "--teacher-pretrained", "/t.pth", "--output", str(folder.parent), "--experiment", "seed3",
-                         "--epochs", "1"]
+    command = study.train_command("cfg.yaml", str(folder), "deit_demo_32", "kd", 3, "/t.pth", ["--epochs", "1"])
+    assert command[2:] == ["-c", "cfg.yaml", "--model", "deit_demo_32", "--distiller", "kd", "--seed", "3",
+                           "--teacher-pretrained", "/t.pth", "--output", str(folder.parent), "--experiment", "seed3",
+                           "--resume", "auto", "--epochs", "1"]
     folder.mkdir(parents=True)
     (folder / "args.yaml").write_text("epochs: 2\nseed: 3\n")
     (folder / "last.pth.tar").write_bytes(b"")
     (folder / "summary.csv").write_text("epoch,eval_top1\n0,50.0\n")
     assert not study.is_finished(folder)
-    assert study.train_command("cfg.yaml", str(folder), "deit_demo_32", "kd", 3, "/t.pth", [])[2:] == [
-        "--resume", str(folder / "last.pth.tar")]
     (folder / "summary.csv").write_text("epoch,eval_top1\n0,50.0\n1,60.0\n")
     assert study.is_finished(folder)
 

@@ -96,6 +96,8 @@ def test_preempted_restarted_and_truncated_run_matches_uninterrupted(tmp_path, f
     assert codes == [0], open(launch.log.name).read()[-3000:]
     text = log.read_text()[start:]
     assert text.count("--resume auto: continuing from") == 2 and "Done:" in text
+    # the survivor, told to stop by torchrun while its peer is gone, writes nothing and exits with code 3
+    assert "error: rank 0: a collective at" in open(launch.log.name).read()
 
     reference = two_process_reference
     runs.assert_same_training_state(runs.last_state(reference), runs.last_state(folder), 2)

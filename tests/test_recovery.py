@@ -1,7 +1,8 @@
 """--recovery-interval: a run SIGKILLed mid-epoch and resumed from its latest recovery checkpoint ends with the
 weights, EMA, distiller state and summary of the uninterrupted reference run, bit for bit, with 1 and 2
 processes (the latter with 2 accumulated micro-batches per update); the last --checkpoint-hist recovery files
-are kept. The reference and killed runs (tests/runs.py) are trained once per session."""
+are kept. The reference and killed runs (tests/runs.py) are trained once per session. Two processes: the
+torchrun restart after a SIGKILL in tests/test_preemption.py, which resumes from the latest recovery file too."""
 import re
 
 import pytest
@@ -38,12 +39,3 @@ def test_one_process_killed_between_recovery_checkpoints_matches_uninterrupted(t
     assert_same_run(1, one_process_reference, folder)
     assert {f"contrast.{n}" for n in ("memory_student", "memory_teacher", "z", "step")} <= set(
         runs.last_state(folder)["distiller_extra"])
-
-
-@pytest.mark.slow
-def test_two_processes_killed_between_recovery_checkpoints_match_uninterrupted(tmp_path, two_process_reference,
-                                                                             two_process_killed):
-    """RSD over the gathered global batch (its AAD has BatchNorm), DDP's no_sync between micro-batches, and
-    per-rank augmentation."""
-    folder = resume_from_latest_recovery(2, two_process_killed, tmp_path)
-    assert_same_run(2, two_process_reference, folder)

@@ -273,3 +273,27 @@ def test_a_build_the_disk_cannot_hold_is_refused_before_anything_is_written(tmp_
     with pytest.raises(UserError, match=r"the cache needs 0.00 GiB but .* has 0.00 GiB free"):
         build(tmp_path / "full", teacher_checkpoint)
     assert not (tmp_path / "full").exists() and not (tmp_path / "full.partial").exists()
+
+
+def test_a_build_stopped_by_a_signal_continues_to_the_same_bytes(tmp_path, teacher_checkpoint, fp32_cache,
+                                                                 monkeypatch):
+    """A real SIGTERM to this process once the first round is recorded: the build stops there with Preempted
+    (exit code 75 from the CLI); the same command finishes it, with the bytes of an uninterrupted build."""
+    import signal
+
+    from engine.cache import CacheWriter
+    from kdcore.errors import Preempted
+    mark_done = CacheWriter.mark_done
+
+    def mark_done_then_signal(self, done):
+        mark_done(self, done)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(CacheWriter, "mark_done", mark_done_then_signal)
+    flags = ("--cache-dtype", "fp32", "--store", "logits", "embedding")
+    with pytest.raises(Preempted, match="stopped by a signal after 8 of 96 views"):
+        build(tmp_path / "stopped", teacher_checkpoint, *flags)
+    monkeypatch.setattr(CacheWriter, "mark_done", mark_done)
+    finished = build(tmp_path / "stopped", teacher_checkpoint, *flags)
+    for name in ("logits.npy", "embedding.npy"):
+        assert open(f"{finished}/{name}", "rb").read() == open(f"{fp32_cache}/{name}", "rb").read(), name

@@ -19,6 +19,7 @@ from engine.config import parse_args_with_config, resumed_arguments
 from engine.loader import MixupWithLabels, build_loaders, load_datasets, resolve_data_settings, uses_prefetcher
 from engine.optim import resolve_lr
 from engine.run import build_emas, build_run, build_student, check_arguments
+from engine.run_folder import ResumePoint
 from engine.train_args import build_train_parser
 from engine.trainer import train
 from kdcore.distributed import DistEnv
@@ -177,7 +178,7 @@ def _resume(folder, *flags):
     checkpoint = read_training_checkpoint(path)
     args = resumed_arguments(build_train_parser(DISTILLERS), ["--resume", path, "--epochs", "3", *flags],
                              checkpoint["args"])
-    run = build_run(args, checkpoint)
+    run = build_run(args, ResumePoint(path=path, checkpoint=checkpoint))
     run.writer.close()
     return run, checkpoint
 

@@ -27,7 +27,9 @@ the epochs it covers and `--teacher-cache` where it goes: each epoch's view of e
 crop, flips, RandAugment, erasing and sample-paired mixup), remapped for the teacher as in training, at the runs'
 per-process `-b`, in index order. `torchrun --nproc_per_node N tools/build_cache.py ...` shares the batches out.
 The storage it needs is printed first (and refused when the disk lacks it); the build resumes per round of
-batches; the teacher's validation top-1 is recorded for the runs' start-up report.
+batches; the teacher's validation top-1 is recorded for the runs' start-up report. Like train.py it stops on
+--stop-signals after the current round (exit code 75; the same command continues it) and its processes wait
+--dist-timeout for each other.
 
 Clean images (`--views clean`) are the clean training images in dataset order (no augmentation), preprocessed as
 the source expects: open_clip's own transform for CLIP; for timm, the evaluation transform of validate.py at the
@@ -45,6 +47,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from distillers import DISTILLERS
+from engine.arg_ranges import check_ranges
 from engine.cache import ARRAYS, DTYPES, VIEWS, CacheWriter, SourceCache, dataset_identity
 from engine.config import parse_args_with_config
 from engine.datasets import build_dataset, dataset_class_names, dataset_labels, infer_dataset_kind
@@ -63,6 +66,8 @@ from engine.loader import (
 from engine.loop import evaluate
 from engine.models import create_model
 from engine.plugins import add_import_argument, import_modules_of_command_line
+from engine.preemption import DEFAULT_SIGNALS as DEFAULT_STOP_SIGNALS
+from engine.preemption import stop_on_signals
 from engine.run import input_size
 from engine.sources import FrozenSource, build_frozen_teacher, build_teacher_model
 from engine.teacher_cache import (
@@ -77,8 +82,8 @@ from engine.teacher_cache import (
 from engine.train_args import add_data_arguments, build_train_parser
 from engine.views import KeyedViews
 from engine.weights import load_weights
-from kdcore.distributed import init_distributed
-from kdcore.errors import UserError, exit_cleanly_on_error
+from kdcore.distributed import any_process, init_distributed
+from kdcore.errors import EXIT_PREEMPTED, Preempted, UserError, exit_cleanly_on_error
 from kdcore.features import FeatureRequest, Features, embedding_dim
 from kdcore.io import file_sha256
 from kdcore.precision import TEACHER_DTYPES, autocast_factory, default_device, resolve_teacher_precision
@@ -216,11 +221,16 @@ def build_cache(args):
     dataset.transform = transform
     loader = DataLoader(Subset(dataset, range(writer.done, len(dataset))), batch_size=args.batch_size,
                         shuffle=False, **worker_processes(args.workers))
-    with tqdm(total=len(dataset), initial=writer.done, unit="img", desc=f"caching {args.source}") as bar:
+    with stop_on_signals(DEFAULT_STOP_SIGNALS) as stops, tqdm(total=len(dataset), initial=writer.done, unit="img",
+                                                               desc=f"caching {args.source}") as bar:
         for images, _ in loader:
             features = source.of_images(images.to(device))
             writer.write({k: getattr(features, k) for k in widths})
             bar.update(len(images))
+            if stops.requested:
+                raise Preempted(f"the cache build stopped by {stops.requested} after {writer.done} of "
+                                f"{len(dataset)} images, all recorded: run the same command again to continue "
+                                f"(exit code {EXIT_PREEMPTED})")
     return writer.finish()
 
 
@@ -243,7 +253,8 @@ def build_augmented_parser():
 
 def build_augmented_cache(args):
     """The teacher's outputs on every epoch's training view: written to args.teacher_cache; returns its path."""
-    env = init_distributed(args.device, args.local_rank)
+    check_ranges(args)
+    env = init_distributed(args.device, args.local_rank, args.dist_timeout)
     refuse_uncacheable(args, "tools/build_cache.py --views augmented")
     if not (args.teacher_cache and args.teacher and args.teacher_pretrained):
         raise UserError("tools/build_cache.py --views augmented needs --teacher NAME --teacher-pretrained PATH and "
@@ -268,13 +279,14 @@ def build_augmented_cache(args):
         print(f"dry run: {count} views in {seconds:.1f} s ({count / seconds:.1f} views/s), nothing written")
         return None
     barrier = torch.distributed.barrier if env.distributed else None
-    return write_teacher_cache(
-        args.teacher_cache, views, builder, teacher,
-        dataset_identity(dataset_labels(train_set), []),
-        fingerprint(args, config, args.teacher_precision, file_sha256(args.teacher_pretrained)),
-        {k: widths[k] for k in args.store}, args.epochs, args.batch_size, args.cache_dtype, env,
-        worker_processes(args.workers), teacher_eval={k: teacher_eval[k] for k in ("top1", "top5")}, barrier=barrier,
-        topk=args.cache_topk)
+    with stop_on_signals(args.stop_signals) as stops:
+        return write_teacher_cache(
+            args.teacher_cache, views, builder, teacher,
+            dataset_identity(dataset_labels(train_set), []),
+            fingerprint(args, config, args.teacher_precision, file_sha256(args.teacher_pretrained)),
+            {k: widths[k] for k in args.store}, args.epochs, args.batch_size, args.cache_dtype, env,
+            worker_processes(args.workers), teacher_eval={k: teacher_eval[k] for k in ("top1", "top5")},
+            barrier=barrier, topk=args.cache_topk, should_stop=lambda: any_process(stops.requested is not None, env))
 
 
 def check_built_cache(args, path):

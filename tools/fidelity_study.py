@@ -119,19 +119,18 @@ def is_finished(folder):
 
 
 def train_command(config, folder, student, method, seed, teacher_checkpoint, extra):
-    """The train.py command of a run: a fresh start in `folder`, or the resume of its last.pth.tar."""
-    last = os.path.join(folder, "last.pth.tar")
-    if os.path.isfile(last):
-        return [sys.executable, os.path.join(REPO, "train.py"), "--resume", last]
+    """The train.py command of a run in `folder`: the same for its first start and every later one, which
+    `--resume auto` continues from the run's newest checkpoint (a recovery file after a kill or preemption)."""
     return [sys.executable, os.path.join(REPO, "train.py"), "-c", config, "--model", student,
             "--distiller", METHODS[method], "--seed", str(seed), "--teacher-pretrained", teacher_checkpoint,
-            "--output", os.path.dirname(folder), "--experiment", os.path.basename(folder), *extra]
+            "--output", os.path.dirname(folder), "--experiment", os.path.basename(folder), "--resume", "auto",
+            *extra]
 
 
 def train_one(command, folder, cpu):
     """Run train.py, its output appended to <folder>/train_output.txt, keeping the marker's wall time current
     (a resumed run adds to the time of its earlier attempts). Returns the run's total wall seconds."""
-    resumed = "--resume" in command
+    resumed = os.path.isfile(os.path.join(folder, MARKER))
     before = read_marker(folder).get("wall_s", 0.0) if resumed else 0.0
     cpus = set(read_marker(folder).get("cpu", "").split(" + ")) - {""} if resumed else set()
     marker = {"cpu": " + ".join(sorted(cpus | {cpu}))}
@@ -289,7 +288,8 @@ def run_grid(out, config, pairs, methods, seeds, teacher_checkpoint, extra):
             print(f"{head}: finished before, skipped", flush=True)
             continue
         command = train_command(config, folder, pairs[pair], method, seed, teacher_checkpoint, extra)
-        print(f"{head}: {'resuming' if '--resume' in command else 'starting'} ({folder})", flush=True)
+        print(f"{head}: {'resuming' if os.path.isfile(os.path.join(folder, MARKER)) else 'starting'} ({folder})",
+              flush=True)
         wall = train_one(command, folder, cpu)
         aggregate(out)
         finished = [run_folder(out, *job) for job in grid if is_finished(run_folder(out, *job))]

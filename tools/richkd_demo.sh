@@ -15,13 +15,9 @@ SOURCE_EPOCHS=${SOURCE_EPOCHS:-3}
 SUBSET=$(python3 -c "import yaml; print(yaml.safe_load(open('configs/demo/rsd.yaml'))['train_subset'])")
 mkdir -p "$OUT"
 
-if ! grep -qs "Done:" "$OUT/source/log.txt"; then  # not finished: resume it, or start it
-    if [ -f "$OUT/source/last.pth.tar" ]; then
-        python3 train.py --resume "$OUT/source/last.pth.tar"
-    else
-        python3 train.py -c configs/demo/teacher.yaml --model cifar_resnet8x4 --epochs "$SOURCE_EPOCHS" --drop-path 0 \
-            --train-subset "$SUBSET" --output "$OUT" --experiment source
-    fi
+if ! grep -qs "Done:" "$OUT/source/log.txt"; then  # not finished: --resume auto continues it, or starts it
+    python3 train.py -c configs/demo/teacher.yaml --model cifar_resnet8x4 --epochs "$SOURCE_EPOCHS" --drop-path 0 \
+        --train-subset "$SUBSET" --output "$OUT" --experiment source --resume auto
 fi
 if [ -d "$OUT/cache" ] && ! python3 -c "from engine.cache import SourceCache; SourceCache('$OUT/cache')" 2>/dev/null; then
     echo "rebuilding $OUT/cache: written in an older cache format (or unreadable)"
@@ -31,14 +27,10 @@ if [ ! -d "$OUT/cache" ]; then
     python3 tools/build_cache.py --dataset fashion_mnist --train-subset "$SUBSET" --img-size 32 --source cifar_resnet8x4 \
         --weights "$OUT/source/student_last.pth" --store logits --output "$OUT/cache"
 fi
-run() {  # name, extra train.py flags: skipped when finished, resumed when interrupted
+run() {  # name, extra train.py flags: skipped when finished, continued (--resume auto) when interrupted
     grep -qs "Done:" "$OUT/$1/log.txt" && return 0
-    if [ -f "$OUT/$1/last.pth.tar" ]; then
-        OMP_NUM_THREADS=1 python3 train.py --resume "$OUT/$1/last.pth.tar" > "$OUT/$1.log" 2>&1
-    else
-        OMP_NUM_THREADS=1 python3 train.py -c configs/demo/rsd.yaml --output "$OUT" --experiment "$1" "${@:2}" \
-            > "$OUT/$1.log" 2>&1
-    fi
+    OMP_NUM_THREADS=1 python3 train.py -c configs/demo/rsd.yaml --output "$OUT" --experiment "$1" --resume auto \
+        "${@:2}" > "$OUT/$1.log" 2>&1
 }
 run kd --distiller kd &
 kd=$!
