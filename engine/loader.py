@@ -80,6 +80,8 @@ def start_worker(training_pid, worker_id):
     The fork server ignores the signals too and lives while its workers do, so torch's watch of the worker's
     parent would never fire; the watch of the training process replaces it."""
     ignore_stop_signals()
+    if not hasattr(signal, "sigtimedwait"):  # not Linux: the stop signals are ignored, torch's own watch stays
+        return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_serve_training_process, args=(training_pid,), daemon=True,

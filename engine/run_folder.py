@@ -56,8 +56,7 @@ def check_fresh_folder(folder, resuming_auto=False):
         return
     if resuming_auto:
         raise UserError(f"--resume auto: run folder {folder!r} holds {', '.join(found[:5])} but no checkpoint that "
-                        f"can be resumed (see the warnings above); move those files away, or choose another "
-                        f"--experiment")
+                        f"can be resumed; move those files away, or choose another --experiment.")
     raise UserError(f"run folder {folder!r} already holds files of a run ({', '.join(found[:5])}); continue it with "
                     f"--resume auto (or --resume PATH), or choose another --experiment")
 
@@ -110,7 +109,10 @@ def find_resume_point(folder, world_size):
     if point.checkpoint is None and last is not None:
         point.path, point.checkpoint = last_path, last
     if point.checkpoint is None:
-        check_fresh_folder(folder, resuming_auto=True)
+        try:
+            check_fresh_folder(folder, resuming_auto=True)
+        except UserError as exc:
+            raise UserError(" ".join([str(exc), *point.warnings])) from None
         point.notes.append(f"--resume auto: no checkpoint in {folder}: starting a fresh run")
     else:
         point.notes.append(f"--resume auto: continuing from {point.path}")

@@ -34,8 +34,8 @@ class DistEnv:
 
 def init_distributed(device_arg: str | torch.device, local_rank_arg: int | None = None,
                      timeout_s: float | None = None) -> DistEnv:
-    """Join the process group when launched by torchrun, torch.distributed.launch or directly (as srun does:
-    MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK or SLURM_LOCALID set for each process).
+    """Join the process group when launched by torchrun, torch.distributed.launch or directly (one process per
+    rank with MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK set, as an srun line can).
 
     The launchers set WORLD_SIZE/RANK/LOCAL_RANK in the environment; the legacy launcher may also pass
     `--local_rank`/`--local-rank`. nccl on CUDA (with a gloo group beside it for host-side agreement), gloo on CPU.
@@ -50,7 +50,7 @@ def init_distributed(device_arg: str | torch.device, local_rank_arg: int | None 
         This process's `DistEnv` (rank 0 of 1, with no process group, when WORLD_SIZE is unset or 1).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", local_rank_arg or 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
     device = torch.device(device_arg)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -12,8 +12,9 @@ import torch
 
 from kdcore.errors import EXIT_DATA_WORKER, EXIT_PEER_FAILED, EXIT_STORAGE
 
-# A vanilla BatchNorm CNN on 96 images, 2 processes x 4: 12 updates an epoch, far more epochs than a test waits for
-FAULT_RUN = ["--dataset", "synthetic", "--img-size", "32", "--workers", "1", "--synthetic-train-size", "96",
+# A vanilla BatchNorm CNN on 96 images, 2 processes x 4: 12 updates an epoch, far more epochs than a test waits for;
+# data loaded in the training process (no fork server to start) except where the loader's workers are under test
+FAULT_RUN = ["--dataset", "synthetic", "--img-size", "32", "--workers", "0", "--synthetic-train-size", "96",
              "--synthetic-val-size", "16", "--log-interval", "1", "--model", "test_resnet", "-b", "4",
              "--epochs", "40", "--warmup-epochs", "0", "--lr", "0.01"]
 
@@ -116,7 +117,7 @@ def test_a_full_disk_during_a_checkpoint_stops_every_process_cleanly(tmp_path):
 def test_a_killed_loader_worker_ends_a_two_process_run(tmp_path):
     """Rank 1's loader workers SIGKILLed (as the OOM killer does): rank 1 exits with code 5 and a line naming
     --workers, rank 0 with code 3, both within 60 s."""
-    launch = runs.Launch(2, _fault_args(tmp_path, "run"), tmp_path / "run.out")
+    launch = runs.Launch(2, _fault_args(tmp_path, "run", "--workers", "1"), tmp_path / "run.out")
     try:
         runs.wait_for(tmp_path / "run" / "log.txt", "Train: 0 [   2/12", procs=launch.procs)
         workers = _forkserver_children(launch.workers()[1])
