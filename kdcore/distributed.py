@@ -58,10 +58,29 @@ def init_distributed(device_arg: str | torch.device, local_rank_arg: int | None 
     if world_size == 1:
         return DistEnv(device=device)
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = restart_store(timeout)
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=int(os.environ["RANK"]),
+                                world_size=world_size)
     control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                    control=control)
+
+
+def restart_store(timeout: datetime.timedelta | None) -> Any:
+    """Under torchrun, its store with a prefix of this restart (TORCHELASTIC_RESTART_COUNT); None otherwise.
+
+    torchrun keeps one store across the restarts of `--max-restarts`, so without the prefix a restarted worker
+    can read the address a worker of the failed attempt published there and fail to connect to it (seen with
+    gloo: "connectFullMesh failed ... Connection refused")."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=timeout or datetime.timedelta(minutes=30))
+    return dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def any_process(flag: bool, env: DistEnv) -> bool:
