@@ -250,8 +250,7 @@ def build_run(args, start=None, stops=None, given_args=None, env=None):
     signal handlers set; `given_args` the arguments as given (recorded in checkpoints for later resumes);
     `env` the process group already joined (`join_processes`), if it was."""
     start = start or ResumePoint()
-    check_ranges(args)
-    env = env or init_distributed(args.device, args.local_rank, args.dist_timeout)
+    env = env or join_processes(args)
     random_seed(args.seed, 0)  # the same on every process while models are built
     check_arguments(args, env)
     lr_origin = resolve_lr(args, env.world_size)

@@ -187,9 +187,9 @@ class Launch:
                     cmdline = f.read()
             except OSError:
                 continue
-            if b"train.py" in cmdline and b"torch.distributed.run" not in cmdline and b"RANK" in env:
-                if b"multiprocessing" not in cmdline:
-                    found[int(env[b"RANK"])] = pid
+            launcher_or_helper = b"torch.distributed.run" in cmdline or b"multiprocessing" in cmdline
+            if b"train.py" in cmdline and b"RANK" in env and not launcher_or_helper:
+                found[int(env[b"RANK"])] = pid
         return found
 
     def every_process(self):

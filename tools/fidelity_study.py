@@ -130,9 +130,9 @@ def train_command(config, folder, student, method, seed, teacher_checkpoint, ext
 def train_one(command, folder, cpu):
     """Run train.py, its output appended to <folder>/train_output.txt, keeping the marker's wall time current
     (a resumed run adds to the time of its earlier attempts). Returns the run's total wall seconds."""
-    resumed = os.path.isfile(os.path.join(folder, MARKER))
-    before = read_marker(folder).get("wall_s", 0.0) if resumed else 0.0
-    cpus = set(read_marker(folder).get("cpu", "").split(" + ")) - {""} if resumed else set()
+    earlier = read_marker(folder)  # {} for a first start
+    before = earlier.get("wall_s", 0.0)
+    cpus = set(earlier.get("cpu", "").split(" + ")) - {""}
     marker = {"cpu": " + ".join(sorted(cpus | {cpu}))}
     os.makedirs(folder, exist_ok=True)
     start = time.time()
