@@ -14,5 +14,5 @@ from . import (  # noqa: F401  (importing
                vanilla,
 )
 from .base import Distiller, fp32_loss  # noqa: F401
-from .factory import build_distiller  # noqa: F401
+from .factory import build_distiller, refuse_unread_flags  # noqa: F401
 from .registry import DISTILLERS, add_distiller_arguments, get_distiller_class, register_distiller  # noqa: F401

@@ -11,8 +11,9 @@ indices, mixup lambda).
 
 Flags: a class's `add_arguments(parser)`, where it defines one, adds only the flags of that class (the parser
 calls it once per class along every registered class's MRO, so a subclass inherits its parent's flags and never
-re-adds them). A distiller reads its own flags, the common loss weights it lists in `shared_flags` (their help
-then names it), and other methods' flags only where it lists them in `borrowed_flags` (their help then says so).
+re-adds them). A distiller reads its own flags, the common flags it lists in `shared_flags` (`--kd-loss-weight`,
+`--logit-stand`: their help then names it, and `build_distiller` refuses `--logit-stand` to the others), and other
+methods' flags only where it lists them in `borrowed_flags` (their help then says so).
 """
 import argparse
 import functools
@@ -91,7 +92,7 @@ class Distiller(nn.Module):
     student_request = FeatureRequest()
     teacher_request = None
     supports_mixup = True
-    shared_flags = ()  # common loss weights read besides --gt-loss-weight (which every distiller reads)
+    shared_flags = ()  # common flags read besides --gt-loss-weight (which every distiller reads)
     borrowed_flags = {}  # {argument dest: registered name of the method that defines it}
 
     def __init__(self, student, context):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from kdcore.features import FeatureRequest
 
 from .base import Distiller, fp32_loss
+from .kd import standardized_pair
 from .registry import register_distiller
 
 TARGET_MASK = 1000.0  # subtracted from the target logit (after dividing by T) to leave it out of NCKD's softmax
@@ -34,7 +35,7 @@ def _kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tenso
 
 @fp32_loss
 def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
-             beta: float, temperature: float) -> torch.Tensor:
+             beta: float, temperature: float, logit_stand: bool = False) -> torch.Tensor:
     """The DKD loss (Zhao et al., CVPR 2022; the paper's loss, written out): T^2 * (alpha * TCKD + beta * NCKD).
 
     TCKD = KL(b_t || b_s) over the binary (target, rest) probabilities; NCKD = KL over the softmax of the
@@ -47,12 +48,14 @@ def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, labels:
         alpha: weight of TCKD.
         beta: weight of NCKD.
         temperature: the softmax temperature T.
+        logit_stand: z-score both sides (`distillers.kd.standardize`) before dividing by T and masking (LS-KD).
 
     Returns:
         The scalar loss, computed in fp32 (fp64 stays fp64).
     """
+    logits_student, logits_teacher = standardized_pair(logits_student, logits_teacher, logit_stand)
     z_s = logits_student / temperature
-    z_t = logits_teacher.to(z_s.dtype) / temperature
+    z_t = logits_teacher / temperature
     target = F.one_hot(labels, z_s.shape[1]).bool()
     tckd = _kl(_binary_log_probs(z_s, target), _binary_log_probs(z_t, target))
     mask = TARGET_MASK * target.to(z_s.dtype)
@@ -63,15 +66,15 @@ def dkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, labels:
 @register_distiller("dkd")
 class DKD(Distiller):
     """DKD, Decoupled Knowledge Distillation (Zhao et al., CVPR 2022): TCKD and NCKD weighted freely.
-    Flags: `--dkd-alpha 1 --dkd-beta 2 --dkd-temperature 1`; weight `--kd-loss-weight`."""
+    Flags: `--dkd-alpha 1 --dkd-beta 2 --dkd-temperature 1`; weight `--kd-loss-weight`; `--logit-stand`."""
     teacher_request = FeatureRequest(logits=True)
-    shared_flags = ("kd_loss_weight",)
+    shared_flags = ("kd_loss_weight", "logit_stand")
 
     def __init__(self, student, context):
         super().__init__(student, context)
         args = context.args
         self.dkd_alpha, self.dkd_beta, self.dkd_temperature = args.dkd_alpha, args.dkd_beta, args.dkd_temperature
-        self.kd_loss_weight = args.kd_loss_weight
+        self.kd_loss_weight, self.logit_stand = args.kd_loss_weight, args.logit_stand
 
     @classmethod
     def add_arguments(cls, parser):
@@ -82,5 +85,5 @@ class DKD(Distiller):
 
     def distill_losses(self, student_feats, teacher_feats, batch):
         loss = dkd_loss(student_feats.logits, teacher_feats.logits, batch.labels, self.dkd_alpha, self.dkd_beta,
-                        self.dkd_temperature)
+                        self.dkd_temperature, self.logit_stand)
         return {"dkd": self.kd_loss_weight * loss}

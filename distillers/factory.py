@@ -6,7 +6,7 @@ from kdcore.errors import UserError
 from kdcore.stages import OutputInfo, describe_model
 
 from .base import DistillerContext
-from .registry import get_distiller_class
+from .registry import DISTILLERS, get_distiller_class
 
 
 def describe(source, input_size, stages):
@@ -16,6 +16,15 @@ def describe(source, input_size, stages):
     if isinstance(source, torch.nn.Module):
         return describe_model(source, input_size, stages)
     return source.describe(stages)
+
+
+def refuse_unread_flags(cls, args):
+    """A UserError when a shared switch is on that `cls` does not read (`--logit-stand`); a weight such as
+    --kd-loss-weight has a default and is not refused."""
+    if getattr(args, "logit_stand", False) and "logit_stand" not in cls.shared_flags:
+        readers = sorted(name for name, klass in DISTILLERS.items() if "logit_stand" in klass.shared_flags)
+        raise UserError(f"--logit-stand standardises the logits of a KL-type logit loss, read by {', '.join(readers)}; "
+                        f"--distiller {cls.name} does not read it: drop the flag or choose one of those")
 
 
 def build_distiller(args, student, *, input_size=None, teacher=None, teacher_input_size=None, sources=None,
@@ -39,6 +48,7 @@ def build_distiller(args, student, *, input_size=None, teacher=None, teacher_inp
                                     train_labels=labels)
     """
     cls = distiller_cls or get_distiller_class(args.distiller)
+    refuse_unread_flags(cls, args)
     student_request, teacher_request = cls.feature_requests(args)
     specs = {spec.name: spec for spec in cls.extra_sources(args)}
     missing = [spec for name, spec in specs.items() if name not in (sources or {})]

@@ -5,6 +5,8 @@ DISTILLERS = {}
 # Flags every method may read, with what they weigh; each one's help names its readers.
 GT_LOSS_HELP = "weight of the ground-truth loss"
 KD_LOSS_HELP = "weight of the distillation loss"
+LOGIT_STAND_HELP = ("z-score each sample's logits, student and teacher, before the temperature (logit "
+                    "standardisation, Sun et al., CVPR 2024)")
 
 
 def register_distiller(name):
@@ -36,7 +38,7 @@ def _names(classes):
 
 
 def add_distiller_arguments(parser, registry=None):
-    """--distiller, the common loss weights (their help names the methods that read them), then each method's own
+    """--distiller, the common flags (their help names the methods that read them), then each method's own
     flags (a flag another method borrows says so in its help)."""
     registry = DISTILLERS if registry is None else registry
     g = parser.add_argument_group("distillation")
@@ -45,6 +47,9 @@ def add_distiller_arguments(parser, registry=None):
     kd_readers = [cls for cls in registry.values() if "kd_loss_weight" in cls.shared_flags]
     g.add_argument("--kd-loss-weight", type=float, default=1.0,
                    help=f"{KD_LOSS_HELP}, read by {_names(kd_readers)} (the others have weights of their own)")
+    stand_readers = [cls for cls in registry.values() if "logit_stand" in cls.shared_flags]
+    g.add_argument("--logit-stand", action="store_true",
+                   help=f"{LOGIT_STAND_HELP}; read by {_names(stand_readers)}, refused by the others")
     for klass in _defining_classes(registry):
         klass.add_arguments(parser)
     borrowers = {}

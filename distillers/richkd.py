@@ -7,6 +7,8 @@ A second frozen source C (CLIP ViT-L/14 zero-shot in the paper) is fused with th
   own Linear(-> 128) + L2 head; weight 0.8.
 - (LF): both. The ground-truth CE (--gt-loss-weight) is added as in every distiller.
 These are the paper's weights (its code's RICH config), not KD's or CRD's defaults; --kd-loss-weight is not read.
+--logit-stand z-scores the (L) term's two sides, z_S and the fused z_F (fusion first, on the raw logits as the
+paper fuses them); (F) has no logits, so --richkd-mode F refuses it.
 
 The second source is either a cache (--richkd-cache, written by tools/build_cache.py from clean images, rows
 read by the batch's dataset indices: the paper's way, training never runs CLIP) or a live frozen timm model
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcore.errors import UserError
 from kdcore.features import FeatureRequest
 from kdcore.sources import SourceSpec, add_source_arguments
 
@@ -49,7 +52,7 @@ def fused_embedding(embedding_teacher: torch.Tensor, embedding_source: torch.Ten
 
 @fp32_loss
 def richkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, logits_source: torch.Tensor,
-                alpha: float, temperature: float) -> torch.Tensor:
+                alpha: float, temperature: float, logit_stand: bool = False) -> torch.Tensor:
     """RichKD's logit term (L) without its weight (Mansourian et al., arXiv 2511.09286; written out):
     T^2 * KL(softmax(z_F / T) || softmax(z_S / T)), z_F = alpha z_T + (1 - alpha) z_C, batch mean, in fp32
     (fp64 stays).
@@ -60,11 +63,12 @@ def richkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, logi
         logits_source: (B, C) second-source (CLIP zero-shot) logits z_C.
         alpha: fusion weight of the task teacher (0.7).
         temperature: the softmax temperature T (3).
+        logit_stand: z-score z_S and z_F before dividing by T (LS-KD, as `kd_loss`).
 
     Returns:
         The scalar loss.
     """
-    return kd_loss(logits_student, fuse(logits_teacher, logits_source, alpha), temperature)
+    return kd_loss(logits_student, fuse(logits_teacher, logits_source, alpha), temperature, logit_stand)
 
 
 class FusedEmbedding(nn.Module):
@@ -84,6 +88,7 @@ class RichKD(Distiller):
     """RichKD, cross-modal teacher fusion (Mansourian et al., arXiv 2511.09286): `--richkd-mode` L (KD on the
     fused logits), F (CRD against the fused embedding) or LF (both); in (L) alone no contrastive component is
     built. Defaults: alpha 0.7, T 3, weights 3 (L) and 0.8 (F)."""
+    shared_flags = ("logit_stand",)
     borrowed_flags = {flag: "crd" for flag in ("crd_feat_dim", "crd_k", "crd_momentum", "crd_temperature",
                                                "crd_nce_eps")}
 
@@ -103,6 +108,10 @@ class RichKD(Distiller):
         self.richkd_mode = args.richkd_mode
         self.richkd_alpha, self.richkd_temperature = args.richkd_alpha, args.richkd_temperature
         self.richkd_logit_weight, self.richkd_feat_weight = args.richkd_logit_weight, args.richkd_feat_weight
+        self.logit_stand = args.logit_stand
+        if self.logit_stand and "L" not in self.richkd_mode:
+            raise UserError("--logit-stand standardises RichKD's logit term, which --richkd-mode F has none of: "
+                            "use --richkd-mode L or LF, or drop --logit-stand")
         if "F" in self.richkd_mode:  # CRD's heads, banks, negatives and Z, then g_C beside g_T
             self.contrast = contrastive_memory(args, context, context.teacher.embedding_width, "richkd")
             source_head = L2Embedding(context.sources[SECOND_SOURCE].embedding_width, args.crd_feat_dim)
@@ -124,7 +133,7 @@ class RichKD(Distiller):
         if "L" in self.richkd_mode:
             losses["richkd_logit"] = self.richkd_logit_weight * richkd_loss(
                 student_feats.logits, teacher_feats.logits, second_source.logits, self.richkd_alpha,
-                self.richkd_temperature)
+                self.richkd_temperature, self.logit_stand)
         if "F" in self.richkd_mode:
             side_by_side = torch.cat([teacher_feats.embedding.float(), second_source.embedding.float()], dim=1)
             losses["richkd_feat"] = self.richkd_feat_weight * self.contrast(student_feats.embedding, side_by_side,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from distillers import build_distiller, get_distiller_class
+from distillers import build_distiller, get_distiller_class, refuse_unread_flags
 from kdcore.distributed import DistEnv, init_distributed
 from kdcore.errors import UserError
 from kdcore.io import atomic_write_csv, remove_stale_temporaries
@@ -136,6 +136,7 @@ def check_arguments(args, env):
     if args.eval_metric not in allowed:
         raise UserError(f"--eval-metric {args.eval_metric!r} is not one of {', '.join(allowed)}")
     distiller_cls = get_distiller_class(args.distiller)
+    refuse_unread_flags(distiller_cls, args)
     if distiller_cls.feature_requests(args)[1] is None:
         args.teacher = ""  # vanilla training ignores a teacher given by a shared config
     elif not args.teacher and not args.teacher_cache:

@@ -1,7 +1,9 @@
-"""Global batch under DDP: two gloo processes with batch B/2 each give the same RSD loss and weights as one
-with B (the batch statistics come from a gradient-carrying all-gather).
+"""Global batch under DDP: two gloo processes with batch B/2 each give the same distillation loss and weights as
+one with B. RSD without augmentation (its batch statistics come from a gradient-carrying all-gather), and
+logit-standardised KD in the official CIFAR setting with the views keyed by the sample (RandAugment, erasing,
+sample-paired Mixup/CutMix), which must be the same on 1 and 2 processes.
 
-The student is a DeiT (no BatchNorm: torch's SyncBatchNorm needs a GPU); the AAD's BatchNorm runs on the
+The student is a DeiT (no BatchNorm: torch's SyncBatchNorm needs a GPU); RSD's AAD BatchNorm runs on the
 gathered global batch, so it must match too.
 """
 import os
@@ -16,18 +18,20 @@ from conftest import REPO
 STEPS = 6
 COMMON = ["--dataset", "synthetic", "--img-size", "32", "--workers", "0", "--synthetic-train-size", str(16 * STEPS),
           "--synthetic-val-size", "32", "--log-interval", "1", "--smoothing", "0",
-          "--model", "deit_tiny_patch16_224", "--distiller", "rsd", "--teacher", "resnet18",
+          "--model", "deit_tiny_patch16_224", "--teacher", "resnet18",
           "--opt", "sgd", "--lr", "0.01", "--warmup-epochs", "0", "--epochs", "1", "--no-eval-teacher"]
 
 
 # Views keyed by the sample (RandAugment, erasing, sample-paired Mixup/CutMix) are the same on 1 and 2 processes.
 AUGMENTED = ["--aa", "rand-m9-mstd0.5", "--reprob", "0.5", "--mixup", "0.8", "--cutmix", "1.0",
              "--mixup-pairing", "sample"]
+LOGIT_STAND_KD = ["--distiller", "kd", "--logit-stand", "--kd-temperature", "2", "--kd-loss-weight", "9",
+                  "--gt-loss-weight", "0.1"]
 
 
-def _launch(nproc, out, teacher_ckpt, student_init, augmentation=("--no-aug",)):
+def _launch(nproc, out, teacher_ckpt, student_init, method_flags):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    args = [*COMMON, *augmentation, "-b", str(16 // nproc), "--teacher-pretrained", teacher_ckpt,
+    args = [*COMMON, *method_flags, "-b", str(16 // nproc), "--teacher-pretrained", teacher_ckpt,
             "--initial-checkpoint", student_init, "--output", str(out), "--experiment", f"np{nproc}"]
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     result = subprocess.run([sys.executable, *launcher, "train.py", *args], cwd=REPO, env=env,
@@ -43,20 +47,22 @@ def _flat(state):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("augmentation", [["--no-aug"], AUGMENTED], ids=["no-aug", "augmented-sample-pairing"])
-def test_two_processes_match_one(tmp_path, saved_weights, augmentation):
+@pytest.mark.parametrize("method_flags, term", [(["--no-aug", "--distiller", "rsd"], "rsd"),
+                                                (AUGMENTED + LOGIT_STAND_KD, "kd")],
+                         ids=["rsd-no-aug", "logit-stand-kd-augmented-sample-pairing"])
+def test_two_processes_match_one(tmp_path, saved_weights, method_flags, term):
     teacher = saved_weights("resnet18", num_classes=10)
     init = saved_weights("deit_tiny_patch16_224", num_classes=10)
     w0 = torch.load(init, weights_only=True)
-    log1, run1 = _launch(1, tmp_path, teacher, init, augmentation)
-    log2, run2 = _launch(2, tmp_path, teacher, init, augmentation)
+    log1, run1 = _launch(1, tmp_path, teacher, init, method_flags)
+    log2, run2 = _launch(2, tmp_path, teacher, init, method_flags)
     assert "2 process(es)" in log2 and "global batch 16" in log2
 
-    rsd1 = [float(v) for v in re.findall(r" rsd ([0-9.]+)", log1)]
-    rsd2 = [float(v) for v in re.findall(r" rsd ([0-9.]+)", log2)]
-    assert len(rsd1) == len(rsd2) == STEPS
-    for a, b in zip(rsd1, rsd2):
-        assert abs(a - b) <= 1e-5 * abs(a), (rsd1, rsd2)
+    loss1 = [float(v) for v in re.findall(rf" {term} ([0-9.]+)", log1)]
+    loss2 = [float(v) for v in re.findall(rf" {term} ([0-9.]+)", log2)]
+    assert len(loss1) == len(loss2) == STEPS
+    for a, b in zip(loss1, loss2):
+        assert abs(a - b) <= 1e-5 * abs(a), (loss1, loss2)
 
     s1, s2 = run1["state_dict"], run2["state_dict"]
     assert (_flat(s1) - _flat(s2)).norm() <= 1e-5 * _flat(s1).norm()
@@ -67,9 +73,9 @@ def test_two_processes_match_one(tmp_path, saved_weights, augmentation):
         update = (a - w0[name]).double()
         if update.norm() > 0:
             assert (a - s2[name]).double().norm() <= 1e-3 * update.norm(), name
-    # The AAD, BatchNorm running statistics included. Its weights start at std 0.02 and take large relative
-    # steps, so fp32 noise in its inputs shows at ~2e-5; BatchNorm statistics over the local half-batch
-    # would be off by tens of percent.
+    # RSD's AAD, BatchNorm running statistics included (KD has no extra state). Its weights start at std 0.02
+    # and take large relative steps, so fp32 noise in its inputs shows at ~2e-5; BatchNorm statistics over the
+    # local half-batch would be off by tens of percent.
     e1, e2 = run1["distiller_extra"], run2["distiller_extra"]
     for name, a in e1.items():
         assert (a.double() - e2[name].double()).norm() <= 1e-4 * a.double().norm(), name

@@ -127,7 +127,8 @@ def test_bf16_step_agrees_with_fp32(seen):
     torch.manual_seed(0)
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     teacher_model = create_model("resnet18", num_classes=10, img_size=32)
-    args = SimpleNamespace(gt_loss_weight=1.0, kd_loss_weight=1.0, kd_temperature=4.0, distiller="kd", seed=0)
+    args = SimpleNamespace(gt_loss_weight=1.0, kd_loss_weight=1.0, kd_temperature=4.0, logit_stand=False,
+                           distiller="kd", seed=0)
     results = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(1)
