@@ -2,6 +2,7 @@
 computations of the formula written out (z-score per sample with the unbiased std plus 1e-7, both sides, before
 the temperature), gradients by finite differences; the flag's readers and refusals; the shipped CIFAR-100 setting;
 two training steps on a BatchNorm CNN under bf16 with mixup and on a DeiT in fp32 with mixup."""
+import glob
 import os
 import re
 
@@ -161,3 +162,16 @@ def test_logit_stand_kd_trains_with_mixup(student, bf16):
     losses = run_two_steps("kd", student, "convnext_atto", True, bf16,
                            ["--logit-stand", "--kd-temperature", "2", "--kd-loss-weight", "9"])
     assert set(losses) == {"ce", "kd"}
+
+
+FOUR_FLAGS = ["--logit-stand", "--kd-temperature", "2", "--kd-loss-weight", "9", "--gt-loss-weight", "0.1"]
+
+
+def test_the_readmes_four_flags_apply_on_every_cifar100_preset():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert " ".join(FOUR_FLAGS) in readme
+    presets = sorted(glob.glob(os.path.join(REPO, "configs", "presets", "cifar100", "*.yaml")))
+    assert len(presets) == 12
+    for preset in presets:
+        args = parse_args_with_config(build_train_parser(DISTILLERS), ["-c", preset, "--distiller", "kd", *FOUR_FLAGS])
+        assert (args.logit_stand, args.kd_temperature, args.kd_loss_weight, args.gt_loss_weight) == (True, 2, 9, 0.1)
