@@ -75,8 +75,7 @@ def bkd_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor, tempera
     logits is at s / T = logit(p_t). Arguments and result as for `kd_loss`.
 
     With `logit_stand` (our choice: BKD has no LS setting of its own) both sides are z-scored before T, as in KD:
-    each sigmoid(Z(s)_c / T) is trained towards softmax(Z(t) / T)_c, so the student matches the teacher's
-    standardised logits up to the sigmoid's per-class offset rather than their raw scale.
+    each sigmoid(Z(s)_c / T) is trained towards softmax(Z(t) / T)_c, with the same T^2 factor.
     """
     logits_student, logits_teacher = standardized_pair(logits_student, logits_teacher, logit_stand)
     s = logits_student / temperature

@@ -2,7 +2,7 @@
 from kdcore.errors import UserError
 
 DISTILLERS = {}
-# Flags every method may read, with what they weigh; each one's help names its readers.
+# Flags several methods read (a distiller lists those it reads in `shared_flags`); each one's help names its readers.
 GT_LOSS_HELP = "weight of the ground-truth loss"
 KD_LOSS_HELP = "weight of the distillation loss"
 LOGIT_STAND_HELP = ("z-score each sample's logits, student and teacher, before the temperature (logit "
