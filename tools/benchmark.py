@@ -186,23 +186,26 @@ def random_teacher_cache(opts, teacher_model, stack):
     return SourceCache(writer.finish())
 
 
-def run_benchmark(opts, device):
+def run_benchmark(opts, device, cache=None):
     """Warm up each configuration alone (its peak memory is read then), then time them interleaved, one
-    step each per round, so that drift in the machine's speed hits every configuration alike."""
+    step each per round, so that drift in the machine's speed hits every configuration alike. With `--cached`
+    the cached configurations read `cache` (a `SourceCache` of `opts.dataset_size` views holding what the
+    distillers read), or, when it is None, a cache of random rows made for the benchmark."""
     with contextlib.ExitStack() as stack:
-        return _run_benchmark(opts, device, stack)
+        return _run_benchmark(opts, device, stack, cache)
 
 
-def _run_benchmark(opts, device, stack):
+def _run_benchmark(opts, device, stack, cache):
     train_args = build_train_parser(DISTILLERS).parse_args([])  # every distiller flag at its default
     teacher_model = create_model(opts.teacher, num_classes=opts.num_classes, img_size=opts.img_size)
     if opts.channels_last:
         teacher_model.to(memory_format=torch.channels_last)
     memory = PeakMemory(device)
-    cache = random_teacher_cache(opts, teacher_model, stack) if opts.cached else None
+    if opts.cached and cache is None:
+        cache = random_teacher_cache(opts, teacher_model, stack)
     configs = []
     jobs = [(name, None) for name in ["vanilla", *opts.distillers]]
-    jobs += [(name, cache) for name in opts.distillers] if cache is not None else []
+    jobs += [(name, cache) for name in opts.distillers] if opts.cached else []
     for name, job_cache in jobs:
         config = Configuration(name, opts, teacher_model, train_args, device, job_cache)
         memory.reset()
