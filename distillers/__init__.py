@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (importing
                fitnet,
                kd,
                ofa,
+               pat,
                richkd,
                rkd,
                rsd,

@@ -76,6 +76,8 @@ class DistillerContext:
     train_labels: Optional[torch.Tensor] = None  # class of each training sample, by dataset index (int64)
     world_size: int = 1
     seed: int = 0  # the run's --seed (CRD's negatives are drawn from it)
+    teacher_model: Optional[nn.Module] = None  # the live teacher's model, to read shapes from (PAT); None for a cache
+    teacher_input_size: Optional[tuple] = None  # (C, H, W) the teacher sees
 
 
 class Distiller(nn.Module):
@@ -92,6 +94,7 @@ class Distiller(nn.Module):
     student_request = FeatureRequest()
     teacher_request = None
     supports_mixup = True
+    needs_live_teacher = ""  # why the method cannot learn from a teacher cache, if it cannot (PAT)
     shared_flags = ()  # common flags read besides --gt-loss-weight (which every distiller reads)
     borrowed_flags = {}  # {argument dest: registered name of the method that defines it}
 
@@ -124,6 +127,15 @@ class Distiller(nn.Module):
         submodules name by a `self_synced_buffers()` of their own (CRD's `contrast`)."""
         return [f"{name}.{buffer}" for name, module in self.named_children()
                 if hasattr(module, "self_synced_buffers") for buffer in module.self_synced_buffers()]
+
+    def attach_teacher(self, source):
+        """The engine hands every distiller its frozen teacher source once built; only a method that runs the teacher
+        again itself (PAT's prompted pass, through `source.staged_pass`) keeps it, as a plain attribute."""
+
+    def late_gradient(self, module_name):
+        """Whether extra module `module_name` may get a zero gradient at the first step by design (PAT's prompt
+        convolutions, behind beta = 0); every other extra module gets a gradient at every step."""
+        return False
 
     def extra_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}

@@ -18,6 +18,10 @@ def describe(source, input_size, stages):
     return source.describe(stages)
 
 
+def _chw(size):
+    return (3, size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
+
+
 def refuse_unread_flags(cls, args):
     """A UserError when a shared switch is on that `cls` does not read (`--logit-stand`); a weight such as
     --kd-loss-weight has a default and is not refused."""
@@ -60,6 +64,8 @@ def build_distiller(args, student, *, input_size=None, teacher=None, teacher_inp
         num_classes=num_classes or args.num_classes, dataset_size=dataset_size, train_labels=train_labels,
         world_size=world_size,
         seed=args.seed, student=describe(student, input_size, student_request.stages),
+        teacher_model=teacher if isinstance(teacher, torch.nn.Module) else None,
+        teacher_input_size=_chw(teacher_input_size or input_size),
         teacher=describe(teacher, teacher_input_size or input_size, teacher_request.stages)
         if teacher_request is not None and teacher is not None else None,
         sources={name: describe(source, input_size, specs[name].request.stages)

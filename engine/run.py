@@ -142,6 +142,10 @@ def check_arguments(args, env):
     elif not args.teacher and not args.teacher_cache:
         raise UserError(f"--distiller {args.distiller} needs a teacher: pass --teacher NAME --teacher-pretrained "
                         f"PATH (or --teacher-cache DIR), or use --distiller vanilla")
+    if args.teacher_cache and distiller_cls.needs_live_teacher:
+        raise UserError(f"--teacher-cache: --distiller {args.distiller} needs the live teacher "
+                        f"({distiller_cls.needs_live_teacher}); drop --teacher-cache and pass --teacher NAME "
+                        f"--teacher-pretrained PATH")
     if args.check_cache and not (args.teacher_cache and args.teacher and args.teacher_pretrained):
         raise UserError(f"--check-cache {args.check_cache} recomputes cache entries with the live teacher: it needs "
                         f"--teacher-cache DIR, --teacher NAME and --teacher-pretrained PATH")
@@ -291,6 +295,7 @@ def build_run(args, start=None, stops=None, given_args=None, env=None):
     teacher = None
     if teacher_model is not None:
         teacher = build_frozen_teacher(args, teacher_model, distiller.teacher_request, env.device, data.config)
+        distiller.attach_teacher(teacher)
     if cached_teacher is not None:
         if args.check_cache:
             check_run_teacher_cache(args, cached_teacher, teacher, data.train_loader.dataset, batches)

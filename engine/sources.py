@@ -11,6 +11,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from custom_forward.staged import staged_forward
 from kdcore.errors import UserError
 from kdcore.features import Features, extract_features
 from kdcore.precision import TEACHER_DTYPES, autocast_factory, resolve_teacher_precision
@@ -84,6 +85,16 @@ class FrozenSource:
         with torch.inference_mode():
             features = self.features(images)
         return features.detached_float()
+
+    def staged_pass(self, images, hooks):
+        """The model run again on a student-normalised batch, `hooks[k]` acting where paper stage k begins
+        (custom_forward/staged.py): `Features` (logits, stages 1-4) under the caller's autograd mode, so gradients
+        reach what the hooks add while the weights stay frozen, and in this source's precision whatever autocast
+        the caller is under (PAT's prompted teacher)."""
+        images = self.remap(images)
+        with torch.autocast(self.device.type, enabled=False), self._autocast():
+            final, stages = staged_forward(self.model, images, hooks)
+            return Features(logits=self.model.forward_head(final), stages=stages)
 
     def describe(self, stages):
         """Its `OutputInfo`: widths, and the layouts of `stages` by a dry run at its own input size."""

@@ -123,6 +123,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
+def local_rows(x: torch.Tensor) -> torch.Tensor:
+    """This process's rows of a tensor gathered by `gather_with_grad`/`gather_no_grad` (equal parts in rank order);
+    `x` itself in a single process."""
+    if world_size() == 1:
+        return x
+    part = x.shape[0] // world_size()
+    return x[dist.get_rank() * part:(dist.get_rank() + 1) * part]
+
+
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor that needs no gradient (e.g. teacher features) from every process."""
     if world_size() == 1:

@@ -141,6 +141,7 @@ class Configuration:
             kwargs = {} if source is FrozenSource else {"grad_mode": opts.teacher_grad_mode}
             self.teacher = source(teacher_model, self.distiller.teacher_request, device, opts.teacher_precision,
                                   compile=opts.compile, **kwargs)
+            self.distiller.attach_teacher(self.teacher)
         if opts.compile:
             self.distiller.compile()
         self.optimizer = create_optimizer_v2(self.distiller, opt="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4)
