@@ -1,13 +1,13 @@
-"""Every registered distiller x a CNN, a DeiT, a Swin and a Mixer student x a ConvNeXt and a ViT teacher,
-at 32 px on CPU, in one process: two training steps each, in fp32 with mixup/cutmix wherever the distiller
-supports it. Losses must be finite and every extra module (each AAD, projector, branch) must get a non-zero
-gradient at every step, except by a method's own rule (PAT: its prompt convolutions from the second step on, behind
-beta = 0, and not behind an SE gate closed for the whole batch; tests/pat_gates.py). Then the same steps under bf16
-autocast (the teacher in bf16 too), on fewer students: bf16 is emulated, 4-10x slower, on a CPU without
-AMX/AVX512-BF16. Each case gets one student there, the four families rotated over the cases, except the cases whose extra modules are built per family (OFA's branches, RSD's
-branches, FitNets' adapters), which get all four. Every run checks the precision its convs and linears really
-computed in, the student's and the teacher's, so a bf16 run that silently ran in fp32 fails. Tiny inputs keep
-the whole matrix inside CI's budget.
+"""Every registered distiller x a CNN, a DeiT, a Swin and a Mixer student x a ConvNeXt and a ViT teacher, at 32 px on
+CPU, in one process: two training steps each, in fp32 with mixup/cutmix wherever the distiller supports it. Losses
+must be finite and every extra module (each AAD, projector, branch) must get a non-zero gradient at every step,
+except by a method's own rule (PAT: its prompt convolutions from the second step on, behind beta = 0, and not behind
+an SE gate closed for the whole batch; tests/pat_gates.py). Then the same steps under bf16 autocast (the teacher in
+bf16 too), on fewer students: bf16 is emulated, 4-10x slower, on a CPU without AMX/AVX512-BF16. Each case gets one
+student there, the four families rotated over the cases, except the cases whose extra modules are built per family
+(OFA's branches, RSD's branches, FitNets' adapters), which get all four. Every run checks the precision its convs
+and linears really computed in, the student's and the teacher's, so a bf16 run that silently ran in fp32 fails. Tiny
+inputs keep the whole matrix inside CI's budget.
 
 The paper's RSD variants (Tables 3, 5, 6, 7) run as their own cases, named `<distiller>:<variant>`.
 """
