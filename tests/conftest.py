@@ -84,21 +84,22 @@ def fault_teacher(tmp_path_factory):
     return paths
 
 
-def _reference_run(tmp_path_factory, teacher, nproc):
+def _reference_run(tmp_path_factory, teacher, nproc, method=None):
     import runs
-    output = tmp_path_factory.mktemp(f"reference_{nproc}p")
+    output = tmp_path_factory.mktemp(f"reference_{nproc}p{method or ''}")
     script = "train.py" if nproc == 1 else "tests/ddp_states.py"  # the latter also saves each rank's states
-    runs.train(nproc, *runs.reference_args(nproc, teacher, output), "--experiment", "reference", script=script)
+    runs.train(nproc, *runs.reference_args(nproc, teacher, output, method), "--experiment", "reference",
+               script=script)
     return output / "reference"
 
 
-def _killed_run(tmp_path_factory, teacher, nproc):
+def _killed_run(tmp_path_factory, teacher, nproc, method=None):
     import runs
-    output = tmp_path_factory.mktemp(f"killed_{nproc}p")
+    output = tmp_path_factory.mktemp(f"killed_{nproc}p{method or ''}")
     steps, interval = runs.STEPS_PER_EPOCH[nproc], runs.RECOVERY_INTERVAL[nproc]
     first_recovery = interval - steps % interval  # epoch 1's first recovery checkpoint, after this update
     mark = f"Train: 1 [{first_recovery + 1:>4d}/{steps}"  # one update past it
-    runs.train_and_kill(nproc, [*runs.reference_args(nproc, teacher, output), "--experiment", "killed"],
+    runs.train_and_kill(nproc, [*runs.reference_args(nproc, teacher, output, method), "--experiment", "killed"],
                         output / "killed", mark)
     return output / "killed"
 
@@ -119,6 +120,18 @@ def two_process_reference(tmp_path_factory, fault_teacher):
 def one_process_killed(tmp_path_factory, fault_teacher):
     """The reference's arguments SIGKILLed mid-epoch 1, once per session: its folder (copy it to resume)."""
     return _killed_run(tmp_path_factory, fault_teacher, 1)
+
+
+@pytest.fixture(scope="session")
+def pat_reference(tmp_path_factory, fault_teacher):
+    """The one-process reference's data and schedule trained with PAT, uninterrupted: its folder."""
+    return _reference_run(tmp_path_factory, fault_teacher, 1, "pat")
+
+
+@pytest.fixture(scope="session")
+def pat_killed(tmp_path_factory, fault_teacher):
+    """The PAT reference's arguments SIGKILLed mid-epoch 1: its folder (copy it to resume)."""
+    return _killed_run(tmp_path_factory, fault_teacher, 1, "pat")
 
 
 @pytest.fixture(scope="session")

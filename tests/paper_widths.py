@@ -3,6 +3,9 @@ the RSD paper's custom Swin-N/P), never read from a built model: what the parame
 the presets and the distillers are checked against.
 
 EMBEDDING_WIDTHS: the pooled pre-logits width D of every student and teacher.
+TEACHER_STAGES: each teacher's paper stages the same way, with its kind and prefix tokens; PROMPT_SHAPES: the
+(channels, side) of the tensor where each stage begins, where PAT's prompts enter (before ResNet's layer k and
+ConvNeXt's stage k, after Swin's patch merging, after the block of the previous stage of a ViT/Mixer).
 STUDENT_STAGES: each student's paper stages 1-4 (as the OFA-KD and RSD code take them: a CNN's 4 stage outputs,
 Swin's last block of each of its 4 stages, blocks 1, 3, 9, 11 of a 12-block ViT/DeiT/Mixer/ResMLP) as (channels,
 grid side): a CNN's NCHW map, or a token model's patch grid (the prefix tokens, DeiT's class token, come on top
@@ -39,4 +42,22 @@ STUDENT_STAGES = {
     # 4 px patches (56 x 56), width doubled and grid halved by each patch merging
     "swin_pico_patch4_window7_224": [(48, 56), (96, 28), (192, 14), (384, 7)],
     "swin_nano_patch4_window7_224": [(64, 56), (128, 28), (256, 14), (512, 7)],
+}
+
+TEACHER_STAGES = {  # name: (kind, prefix tokens, [(channels, side)] of stages 1-4)
+    "swin_tiny_patch4_window7_224": ("token", 0, [(96, 56), (192, 28), (384, 14), (768, 7)]),
+    "vit_small_patch16_224": ("token", 1, [(384, 14)] * 4),
+    "deit_tiny_patch16_224": ("token", 1, [(192, 14)] * 4),
+    "mixer_b16_224": ("token", 0, [(768, 14)] * 4),
+    "convnext_tiny": ("cnn", 0, [(96, 56), (192, 28), (384, 14), (768, 7)]),
+    "resnet50": ("cnn", 0, [(256, 56), (512, 28), (1024, 14), (2048, 7)]),
+}
+
+PROMPT_SHAPES = {
+    "swin_tiny_patch4_window7_224": [(96, 56), (192, 28), (384, 14), (768, 7)],  # after each patch merging
+    "vit_small_patch16_224": [(384, 14)] * 4,
+    "deit_tiny_patch16_224": [(192, 14)] * 4,
+    "mixer_b16_224": [(768, 14)] * 4,
+    "convnext_tiny": [(96, 56), (96, 56), (192, 28), (384, 14)],  # the stem, then each stage's input
+    "resnet50": [(64, 56), (256, 56), (512, 28), (1024, 14)],  # after the stem's max pool, then layer k-1's output
 }

@@ -66,10 +66,16 @@ def train(nproc, *args, script="train.py", timeout=600):
     return stdout
 
 
-def reference_args(nproc, teachers, output):
-    """The reference run's train.py arguments: one or two processes, {teacher name: checkpoint}, the output folder."""
-    return [*(ONE_PROCESS if nproc == 1 else TWO_PROCESSES), "--teacher-pretrained", teachers[TEACHERS[nproc]],
-            "--output", output]
+# PAT on the one-process reference's data and schedule: prompts inside the teacher, beta, the aligners' and feedback
+# projections' BatchNorms; the feedback is the current batch's, so nothing else must come back on resume.
+PAT_ONE_PROCESS = [*ONE_PROCESS[:ONE_PROCESS.index("--distiller")], "--distiller", "pat", "--recovery-interval", "3"]
+
+
+def reference_args(nproc, teachers, output, method=None):
+    """The reference run's train.py arguments: one or two processes, {teacher name: checkpoint}, the output folder;
+    `method` "pat": PAT on the one-process reference's data and schedule."""
+    base = PAT_ONE_PROCESS if method == "pat" else ONE_PROCESS if nproc == 1 else TWO_PROCESSES
+    return [*base, "--teacher-pretrained", teachers[TEACHERS[nproc]], "--output", output]
 
 
 def process_tree(pid):

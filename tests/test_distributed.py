@@ -4,7 +4,8 @@ logit-standardised KD in the official CIFAR setting with the views keyed by the 
 sample-paired Mixup/CutMix), which must be the same on 1 and 2 processes.
 
 The student is a DeiT (no BatchNorm: torch's SyncBatchNorm needs a GPU); RSD's AAD BatchNorm runs on the
-gathered global batch, so it must match too.
+gathered global batch, so it must match too, and so must PAT's aligners and feedback projections (their BatchNorms
+see the global batch; the ResNet teacher's stages 2-4 need projections), its prompts and its beta.
 """
 import os
 import re
@@ -48,8 +49,9 @@ def _flat(state):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method_flags, term", [(["--no-aug", "--distiller", "rsd"], "rsd"),
-                                                (AUGMENTED + LOGIT_STAND_KD, "kd")],
-                         ids=["rsd-no-aug", "logit-stand-kd-augmented-sample-pairing"])
+                                                (AUGMENTED + LOGIT_STAND_KD, "kd"),
+                                                (["--no-aug", "--distiller", "pat"], "hcl")],
+                         ids=["rsd-no-aug", "logit-stand-kd-augmented-sample-pairing", "pat-no-aug"])
 def test_two_processes_match_one(tmp_path, saved_weights, method_flags, term):
     teacher = saved_weights("resnet18", num_classes=10)
     init = saved_weights("deit_tiny_patch16_224", num_classes=10)
@@ -73,12 +75,17 @@ def test_two_processes_match_one(tmp_path, saved_weights, method_flags, term):
         update = (a - w0[name]).double()
         if update.norm() > 0:
             assert (a - s2[name]).double().norm() <= 1e-3 * update.norm(), name
-    # RSD's AAD, BatchNorm running statistics included (KD has no extra state). Its weights start at std 0.02
-    # and take large relative steps, so fp32 noise in its inputs shows at ~2e-5; BatchNorm statistics over the
-    # local half-batch would be off by tens of percent.
+    # RSD's AAD and PAT's modules, BatchNorm running statistics included (KD has no extra state). The AAD's weights
+    # start at std 0.02 and take large relative steps, so fp32 noise in its inputs shows at ~2e-5; BatchNorm
+    # statistics over the local half-batch would be off by tens of percent.
+    # PAT's betas and its feedback projections' BatchNorm affine parameters only move through beta (a few 1e-3 after
+    # 6 steps): their gradients are sums of cancelling terms, and one process on 1 and on 2 threads already differs
+    # by up to 5e-3 on them (measured on the Zen 4 EPYC, 2026-12-04); their running statistics match to 1e-6.
     e1, e2 = run1["distiller_extra"], run2["distiller_extra"]
     for name, a in e1.items():
-        assert (a.double() - e2[name].double()).norm() <= 1e-4 * a.double().norm(), name
+        noisy = name.startswith("prompts.") and (name.endswith(".beta") or ".feedback.1.weight" in name
+                                                 or ".feedback.1.bias" in name)
+        assert (a.double() - e2[name].double()).norm() <= (5e-2 if noisy else 1e-4) * a.double().norm(), name
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ import json
 import os
 
 from conftest import REPO
-from paper_widths import EMBEDDING_WIDTHS, STUDENT_KINDS, STUDENT_STAGES
+from paper_widths import EMBEDDING_WIDTHS, PROMPT_SHAPES, STUDENT_KINDS, STUDENT_STAGES, TEACHER_STAGES
 
 from tools import overhead
 
@@ -21,12 +21,13 @@ def test_figure_3_counts_table_and_json(tmp_path, capsys):
     assert (swin_nano["num_classes"], swin_nano["student_params"]) == (1000, 9_599_940)
     assert (swin_nano["rsd_gamma2"], swin_nano["rsd_gamma4"], swin_nano["ofa"]) == (1_312_768, 2_625_536, 28_187_040)
     assert abs(swin_nano["ofa_ratio"] - 28_187_040 / 9_599_940) < 1e-12
-    assert (resnet18["num_classes"], resnet18["rsd_gamma2"]) == (100, 1_312_768)
+    assert (resnet18["num_classes"], resnet18["rsd_gamma2"], resnet18["pat"]) == (100, 1_312_768, 38_521_997)
 
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| dataset | teacher -> student | student params |") and len(table) == 4
     assert table[2] == ("| imagenet | convnext_tiny -> swin_nano_patch4_window7_224 | 9,599,940 | 1,312,768 | "
-                        "0.14x | 2,625,536 | 0.27x | 28,187,040 | 2.94x |")
+                        f"0.14x | 2,625,536 | 0.27x | 28,187,040 | 2.94x | {swin_nano['pat']:,} | "
+                        f"{swin_nano['pat'] / 9_599_940:.2f}x |")
 
 
 # OFA's extra parameters written from the branch definitions (distillers/branches.py's docstring, OFA-KD) and the
@@ -94,6 +95,44 @@ def ofa_count(student, teacher, classes):
     return ofa_token_student(stages, d_s, classes)
 
 
+def prompt_block(c):
+    """PAT's prompt block on c channels (all convs with bias): fusion 1x1 2c -> c, 5x5, 1x1, SE gate, 1x1; prompt
+    1x1 in 4 groups, depthwise 5x5, 1x1, SE gate, 1x1 in 4 groups; beta. The SE gate: 1x1 c -> c // 16 -> c."""
+    se = linear(c, c // 16) + linear(c // 16, c)
+    fusion = linear(2 * c, c) + linear(25 * c, c) + linear(c, c) + se + linear(c, c)
+    prompt = linear(c // 4, c) + linear(25, c) + linear(c, c) + se + linear(c // 4, c)
+    return fusion + prompt + 1
+
+
+def pat_count(student, teacher, dim=512, grid=4):
+    """PAT's extra parameters from the stage tables: a prompt block per teacher stage (plus, where the teacher's
+    stage differs from the tensor at the prompt, a feedback projection: BatchNorm2d and a bias-free 1x1 conv); the
+    region attention (per student stage a conv with kernel = stride = ceil(side / 4) to 512, a LayerNorm, q and kv
+    projections); an aligner per teacher stage (CNN: BatchNorm2d(512) and a bias-free 1x1 conv; token: BatchNorm1d
+    over the 16 region tokens, Linear 512 -> D, BatchNorm1d(D), Linear 16 -> patch tokens)."""
+    kind, _, stages = TEACHER_STAGES[teacher]
+    total = 0
+    for (chans, side), (prompt_chans, prompt_side) in zip(stages, PROMPT_SHAPES[teacher]):
+        total += prompt_block(prompt_chans)
+        if (chans, side) != (prompt_chans, prompt_side):
+            total += batch_norm(chans) + chans * prompt_chans
+        total += (batch_norm(dim) + dim * chans if kind == "cnn" else
+                  batch_norm(grid * grid) + linear(dim, chans) + batch_norm(chans) + linear(grid * grid, side * side))
+    for chans, side in STUDENT_STAGES[student]:
+        kernel = -(-side // grid)
+        total += linear(chans * kernel * kernel, dim)
+    return total + batch_norm(dim) + linear(dim, dim) + linear(dim, 2 * dim)
+
+
+def test_the_pat_formula_gives_the_official_totals():
+    """The totals of PAT's official modules at 224 px (the paper's code, counted by running its modules)."""
+    assert pat_count("resnet18", "swin_tiny_patch4_window7_224") == 38_521_997
+    assert pat_count("deit_tiny_patch16_224", "convnext_tiny") == 14_475_236
+    assert pat_count("resmlp_12_224", "swin_tiny_patch4_window7_224") == 38_325_389
+    assert pat_count("mobilenetv2_100", "swin_tiny_patch4_window7_224") == 32_361_613
+    assert pat_count("swin_pico_patch4_window7_224", "convnext_tiny") == 17_768_420
+
+
 def test_the_ofa_formula_gives_the_known_figures():
     """Swin-N <- ConvNeXt-T at 1000 classes (Figure 3's pair) and ResNet18 <- Swin-T at 100 (the count the
     seed run logs), from the formula alone."""
@@ -112,3 +151,4 @@ def test_every_paper_pair_and_the_aad_formula(tmp_path):
             assert row[f"rsd_gamma{gamma}"] == gamma * d_s * (d_s + 2 + d_t), (row["preset"], gamma)
         assert row["ofa"] == ofa_count(row["student"], row["teacher"], row["num_classes"]), row["preset"]
         assert row["ofa_ratio"] == row["ofa"] / row["student_params"]
+        assert row["pat"] == pat_count(row["student"], row["teacher"]), row["preset"]

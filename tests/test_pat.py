@@ -86,7 +86,8 @@ def test_hcl_lays_tokens_out_row_by_row():
 
 # parameter counts -----------------------------------------------------------------------------------------------
 
-# REFERENCE totals of the official modules at 224 px: (prompts with feedback projections, region attention, aligners)
+# the totals of the official modules at 224 px, counted by running the paper's code: (prompts with feedback
+# projections, region attention, aligners)
 OFFICIAL = {("resnet18", "swin_tiny_patch4_window7_224"): (24_138_904, 13_570_560, 812_533),
             ("deit_tiny_patch16_224", "convnext_tiny"): (6_651_364, 7_082_496, 741_376),
             ("resmlp_12_224", "swin_tiny_patch4_window7_224"): (24_138_904, 13_373_952, 812_533)}

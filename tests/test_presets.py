@@ -204,3 +204,26 @@ def test_a_preset_runs_under_torchrun(tmp_path, saved_weights):
     assert "Student deit_tiny_patch16_224" in log and "Distiller rsd:" in log
     saved = parse(["-c", str(tmp_path / "runs" / "preset" / "args.yaml")])
     assert (saved.lr, saved.mixup, saved.opt) == (5e-4, 0.8, "adamw")
+
+
+ONE_PER_TEACHER = {pair_of(p)[2]: p for p in reversed(PRESETS)}  # a preset for each teacher of the tables
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(ONE_PER_TEACHER.values()))
+def test_pat_computes_its_loss_on_a_preset_of_each_teacher(preset):
+    args = parse(["data", "-c", preset, "-b", "2", "--distiller", "pat"])
+    torch.manual_seed(0)
+    student, teacher_model = build_student(args), _teacher(args.teacher, args.num_classes)
+    data = types.SimpleNamespace(config={"input_size": (3, 224, 224)}, train_size=2, train_labels=torch.tensor([0, 1]))
+    distiller = build_distiller_for(args, types.SimpleNamespace(world_size=1), student, teacher_model, {}, data).train()
+    teacher = FrozenSource(teacher_model, distiller.teacher_request, "cpu", "fp32")
+    distiller.attach_teacher(teacher)
+    batch = make_batch(torch.randn(2, 3, 224, 224), torch.tensor([3, 7]), torch.tensor([0, 1]), "cpu",
+                       build_mixup(args, args.num_classes))
+    logits, losses = distiller(batch, teacher(batch))
+    assert logits.shape == (2, args.num_classes) and set(losses) == {"ce", "kd", "hcl", "reg"}
+    loss = sum(losses.values())
+    assert torch.isfinite(loss) and loss.requires_grad
+    loss.backward()
+    assert all(block.beta.grad is not None for block in distiller.prompts.values())

@@ -39,3 +39,13 @@ def test_one_process_killed_between_recovery_checkpoints_matches_uninterrupted(t
     assert_same_run(1, one_process_reference, folder)
     assert {f"contrast.{n}" for n in ("memory_student", "memory_teacher", "z", "step")} <= set(
         runs.last_state(folder)["distiller_extra"])
+
+
+@pytest.mark.slow
+def test_a_pat_run_killed_between_recovery_checkpoints_matches_uninterrupted(tmp_path, pat_reference, pat_killed):
+    """PAT: its prompts (beta included) and the BatchNorm statistics of its aligners and feedback projections come
+    back bit for bit; the feedback is the current batch's, so no other state exists to save."""
+    folder = resume_from_latest_recovery(1, pat_killed, tmp_path)
+    assert_same_run(1, pat_reference, folder)
+    extra = runs.last_state(folder)["distiller_extra"]
+    assert {"prompts.1.beta", "aligners.1.1.running_mean"} <= set(extra) and extra["prompts.1.beta"] != 0

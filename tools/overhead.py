@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Extra trainable parameters of RSD (gamma 2 and 4) and OFA for every paper pair (the paper's Figure 3).
+"""Extra trainable parameters of RSD (gamma 2 and 4), OFA and PAT for every paper pair (the paper's Figure 3).
 
     python tools/overhead.py                         all presets of configs/presets/ (Tables 1 and 2)
     python tools/overhead.py PRESET.yaml ... --json overhead.json
@@ -7,7 +7,7 @@
 Each pair is read from its preset (student, teacher, class count) and built at 224 px with random weights
 (no checkpoint needed): parameter counts do not depend on them. Each model is built once and shared by
 the distillers. Prints a markdown table: the student's parameters, each method's extra parameters (AAD,
-OFA branches) and their ratio to the student.
+OFA branches, PAT's prompts, region attention and aligners) and their ratio to the student.
 """
 import argparse
 import glob
@@ -27,8 +27,9 @@ IMG_SIZE = 224
 # column -> the flags that select it on top of a preset
 METHODS = {"rsd_gamma2": ["--distiller", "rsd", "--rsd-gamma", "2"],
            "rsd_gamma4": ["--distiller", "rsd", "--rsd-gamma", "4"],
-           "ofa": ["--distiller", "ofa"]}
-HEADERS = {"rsd_gamma2": "RSD (gamma 2)", "rsd_gamma4": "RSD (gamma 4)", "ofa": "OFA"}
+           "ofa": ["--distiller", "ofa"],
+           "pat": ["--distiller", "pat"]}
+HEADERS = {"rsd_gamma2": "RSD (gamma 2)", "rsd_gamma4": "RSD (gamma 4)", "ofa": "OFA", "pat": "PAT"}
 
 
 def paper_presets():
