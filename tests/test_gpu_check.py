@@ -27,7 +27,7 @@ def test_the_dry_mode_passes_and_writes_every_check(dry_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert report["mode"] == "cpu-dry" and report["failed"] == []
     assert list(report["checks"]) == ["nccl_process_group", "amp_float16", "amp_bfloat16", "channels_last",
-                                      "prefetch_loader", "check_cache", "throughput", "compile"]
+                                      "prefetch_loader", "pat", "check_cache", "throughput", "compile"]
     for name, entry in report["checks"].items():
         if name in CUDA_ONLY:
             assert entry["status"] == "needs CUDA", name
@@ -45,13 +45,14 @@ def test_the_cpu_stand_ins_ran_gloo_and_the_tiny_throughput(dry_run):
     assert group["grad_max_relative_deviation"] <= 1e-4
     assert "stand_in" not in checks["amp_float16"]
     rows = checks["throughput"]["stand_in"]["rows"]
-    assert [r["distiller"] for r in rows] == ["vanilla", "kd", "rsd", "kd@cache", "rsd@cache"]
+    assert [r["distiller"] for r in rows] == ["vanilla", "kd", "rsd", "pat", "kd@cache", "rsd@cache"]  # PAT: live
     assert all(r["img_per_s"] > 0 for r in rows) and rows[2]["extra_params"] > 0 == rows[1]["extra_params"]
 
 
 def test_the_dry_checks_measured_what_they_claim(dry_run):
     checks = dry_run[1]["checks"]
     assert checks["amp_bfloat16"]["autocast_dtype"] == "bfloat16" and checks["channels_last"]["channels_last_convs"]
+    assert all(beta != 0 for beta in checks["pat"]["betas"].values()) and checks["pat"]["extra_params"] > 0
     loaders = checks["prefetch_loader"]
     assert loaders["val_max_deviation"] <= 1e-5 and 0 < loaders["erased_fraction_mean"] < 1
     fp32, fp16 = checks["check_cache"]["fp32"], checks["check_cache"]["fp16"]

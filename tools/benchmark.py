@@ -10,7 +10,8 @@ alone, then `--steps` timed steps interleaved with the other configurations. Rep
 img/s, the ratio to vanilla, peak memory (process RSS on CPU, max allocated on GPU), student and extra
 parameters. Teachers are randomly initialised: speed does not depend on their weights. With `--cached`, each
 distiller also runs from a teacher-output cache (`--teacher-cache`: fp16 rows of `--dataset-size` views, random
-values, read memory-mapped at random indices each step), with no teacher model.
+values, read memory-mapped at random indices each step), with no teacher model; a distiller that needs the live
+teacher (PAT) is timed live only.
 """
 import argparse
 import contextlib
@@ -206,7 +207,8 @@ def _run_benchmark(opts, device, stack, cache):
         cache = random_teacher_cache(opts, teacher_model, stack)
     configs = []
     jobs = [(name, None) for name in ["vanilla", *opts.distillers]]
-    jobs += [(name, cache) for name in opts.distillers] if opts.cached else []
+    if opts.cached:
+        jobs += [(name, cache) for name in opts.distillers if not DISTILLERS[name].needs_live_teacher]
     for name, job_cache in jobs:
         config = Configuration(name, opts, teacher_model, train_args, device, job_cache)
         memory.reset()

@@ -14,11 +14,13 @@ The checks, in this order (each reports "ok", or "failed" with its error; the ex
 - prefetch_loader: the loaders with random erasing on every image (--reprob 1): the training batches copied to the
   device on a side stream equal those copied without it, each image differs from its unerased view in part of it,
   and timm's PrefetchLoader (normalising on the device) gives the evaluation images torchvision's pipeline gives.
+- pat: training steps of PAT under --amp (bf16): the prompted teacher pass through the engine; every beta moves
+  from 0 and no gradient reaches the frozen teacher.
 - check_cache: teacher caches of augmented views built by tools/build_cache.py on this device (fp16 and fp32), each
   checked by --check-cache against the live teacher at the build's batch size, the fp32 one also at a quarter of it;
   the largest deviations and the tolerance.
-- throughput: img/s of ResNet18 <- Swin-T at 224 px, batch 128, --amp (bf16): vanilla, KD and RSD with the live
-  teacher, and KD and RSD reading the fp16 teacher cache built by the previous check; medians of 20 interleaved
+- throughput: img/s of ResNet18 <- Swin-T at 224 px, batch 128, --amp (bf16): vanilla, KD, RSD and PAT with the
+  live teacher, and KD and RSD reading the fp16 teacher cache built by the previous check; medians of 20 interleaved
   steps after 5 warm-up (tools/benchmark.py's timing).
 - compile: training steps with --compile; the loss must match the eager run's (amp_bfloat16) within 5%.
 Each check records its peak memory (GPU: max allocated; CPU: the process's RSS high-water mark) and its seconds.
@@ -251,6 +253,17 @@ def check_channels_last(checker):
     return {**figures, "channels_last_convs": len(convs)}
 
 
+def check_pat(checker):
+    """PAT's prompted teacher pass through the engine (attached source, staged forward, the teacher's precision)."""
+    run, figures = trained(checker, "pat", "--distiller", "pat", "--amp", "--amp-dtype", "bfloat16")
+    betas = {stage: block.beta.item() for stage, block in run.distiller.prompts.items()}
+    if not all(beta != 0 and math.isfinite(beta) for beta in betas.values()):
+        raise CheckFailed(f"PAT's betas did not move from 0: {betas}")
+    if any(p.grad is not None for p in run.teacher.model.parameters()):
+        raise CheckFailed("a gradient reached the frozen teacher's weights")
+    return {**figures, "betas": betas, "extra_params": run.distiller.extra_parameter_count()}
+
+
 def check_compile(checker):
     start = time.perf_counter()
     _, figures = trained(checker, "compile", "--amp", "--amp-dtype", "bfloat16", "--compile")
@@ -399,7 +412,7 @@ def check_throughput(checker):
         raise CheckFailed("no fp16 teacher cache was built (the check_cache check failed)")
     opts = benchmark.build_parser().parse_args([str(a) for a in [
         "--student", profile.student, "--teacher", profile.teacher, "--img-size", profile.img_size,
-        "--num-classes", profile.num_classes, "-b", profile.bench_batch, "--distillers", "kd", "rsd",
+        "--num-classes", profile.num_classes, "-b", profile.bench_batch, "--distillers", "kd", "rsd", "pat",
         "--warmup", profile.bench_warmup, "--steps", profile.bench_steps, "--amp", "--amp-dtype", "bfloat16",
         "--device", profile.device.type, "--dataset-size", profile.cache_size, "--cached"]])
     opts.teacher_precision, reason = benchmark.resolve_teacher_precision(opts.teacher_precision, profile.device)
@@ -419,6 +432,7 @@ def run_checks(checker):
     checker.run("amp_bfloat16", lambda: check_amp_bfloat16(checker))
     checker.run("channels_last", lambda: check_channels_last(checker))
     checker.run("prefetch_loader", lambda: check_prefetch_loader(checker))
+    checker.run("pat", lambda: check_pat(checker))
     checker.run("check_cache", lambda: check_caches(checker))
     checker.run("throughput", lambda: check_throughput(checker), needs_cuda=True,
                 stand_in=lambda: check_throughput(checker))
