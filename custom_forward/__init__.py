@@ -94,14 +94,20 @@ def register_family(model_class, family):
     return family
 
 
+def entry_for(table, model, missing):
+    """`table`'s entry for the model's class or its nearest listed parent class; a UserError `missing` otherwise."""
+    entry = next((table[cls] for cls in type(model).__mro__ if cls in table), None)
+    if entry is None:
+        raise UserError(missing)
+    return entry
+
+
 def family_for(model):
     """The table entry for the model's class or its nearest listed parent class."""
-    for cls in type(model).__mro__:
-        if cls in FAMILIES:
-            return FAMILIES[cls]
-    raise UserError(f"no stage features for model class {type(model).__name__}: register its row of the stage "
-                    f"table with custom_forward.register_family (kind, forward_intermediates index of paper "
-                    f"stages 1-4, run function), or use a distiller that needs only logits/embeddings")
+    return entry_for(FAMILIES, model,
+                     f"no stage features for model class {type(model).__name__}: register its row of the stage "
+                     f"table with custom_forward.register_family (kind, forward_intermediates index of paper "
+                     f"stages 1-4, run function), or use a distiller that needs only logits/embeddings")
 
 
 def stage_features(model, x, stages):

@@ -25,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from kdcore.errors import UserError
 
-from . import family_for
+from . import entry_for, family_for
 
 
 def _identity(x):
@@ -91,12 +91,11 @@ def register_staged(model_class, staged):
 
 
 def staged_for(model):
-    for cls in type(model).__mro__:
-        if cls in STAGED:
-            return STAGED[cls]
-    raise UserError(f"no staged forward for teacher class {type(model).__name__} (PAT's prompted teacher needs one): "
-                    f"register it with custom_forward.staged.register_staged, or choose a ResNet, ConvNeXt, Swin, "
-                    f"ViT/DeiT, MLP-Mixer or ResMLP teacher")
+    """The staged forward of the model's class or its nearest listed parent class."""
+    return entry_for(STAGED, model,
+                     f"no staged forward for teacher class {type(model).__name__} (PAT's prompted teacher needs one): "
+                     f"register it with custom_forward.staged.register_staged, or choose a ResNet, ConvNeXt, Swin, "
+                     f"ViT/DeiT, MLP-Mixer or ResMLP teacher")
 
 
 def _hooked(h, hook, layout, prefix):
