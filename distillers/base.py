@@ -76,8 +76,9 @@ class DistillerContext:
     train_labels: Optional[torch.Tensor] = None  # class of each training sample, by dataset index (int64)
     world_size: int = 1
     seed: int = 0  # the run's --seed (CRD's negatives are drawn from it)
-    teacher_model: Optional[nn.Module] = None  # the live teacher's model, to read shapes from (PAT); None for a cache
-    teacher_input_size: Optional[tuple] = None  # (C, H, W) the teacher sees
+    # {paper stage: (C, H, W)} of the tensor where each teacher stage begins (custom_forward/staged.py), found by a
+    # dry run for a method that hooks the live teacher (`needs_live_teacher`: PAT); None otherwise
+    teacher_hook_shapes: Optional[dict] = None
 
 
 class Distiller(nn.Module):

@@ -9,9 +9,10 @@ again with a prompt block where each `--pat-afp-stage` begins (custom_forward/st
 eval mode, the graph kept so that gradients reach the prompts through its activations.
 
 Our choices where the official code is silent or defective:
-- The feedback a prompt block fuses with the teacher's tensor is A_k - T_k of the current batch (T_k the stage-k
-  feature of the unprompted teacher), detached, as the official code detaches it; the official code uses its
-  previous batch's (other images, stale across epoch ends, lost on resume).
+- The feedback a prompt block fuses with the teacher's tensor is A_k - T_k of the current batch, T_k the stage-k
+  feature of the unprompted teacher, detached, as the official code detaches it. The official code uses A_k - T'_k
+  of its previous batch, T'_k the prompted teacher's (other images, stale across epoch ends, lost on resume); the
+  current batch's T'_k does not exist yet when its prompts need the feedback, and at beta = 0 T'_k = T_k.
 - Token teachers: patch tokens become a map by transpose and return by transpose (the official code reshapes them
   back without one, scrambling them); prefix tokens pass untouched and are left out of the aligners, the losses and
   the student's maps (the official code drops the last token instead of the class token); the positional encoding
@@ -29,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom_forward.staged import hook_shapes, staged_for
 from kdcore.distributed import gather_no_grad, gather_with_grad, local_rows
 from kdcore.errors import UserError
 from kdcore.features import PAPER_STAGES, FeatureRequest, paper_stage
@@ -190,9 +190,9 @@ class MapAligner(nn.Sequential):
 
     def __init__(self, dim, grid, info):
         channels, height, width = info.shape
-        self.grid = grid
         super().__init__(nn.Upsample(size=(height, width), mode="nearest"), nn.BatchNorm2d(dim),
                          nn.Conv2d(dim, channels, 1, bias=False))
+        self.grid = grid
 
     def forward(self, tokens):
         return super().forward(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, self.grid, self.grid))
@@ -231,7 +231,7 @@ class PAT(Distiller):
     def __init__(self, student, context):
         super().__init__(student, context)
         args, teacher = context.args, context.teacher
-        if context.teacher_model is None:
+        if context.teacher_hook_shapes is None:
             raise UserError(f"--distiller pat needs the live teacher ({self.needs_live_teacher}): pass --teacher NAME "
                             f"--teacher-pretrained PATH")
         queries = args.pat_raa_num_queries // len(PAPER_STAGES)
@@ -242,13 +242,12 @@ class PAT(Distiller):
         self.kd_loss_weight, self.temperature = args.kd_loss_weight, args.kd_temperature
         self.mse_loss_weight, self.reg_loss_weight = args.pat_mse_loss_weight, args.pat_reg_loss_weight
         self.afp_stages = tuple(args.pat_afp_stage)
-        staged_for(context.teacher_model)  # a clear error now for a teacher family without a staged forward
         self.teacher_stages = teacher.stages
         self.region_attention = RegionAttention(context.student.stages, args.pat_raa_dim, grid)
         self.aligners = nn.ModuleDict({
             str(s): MapAligner(args.pat_raa_dim, grid, info) if info.layout == "NCHW"
             else TokenAligner(args.pat_raa_dim, queries, info) for s, info in self.teacher_stages.items()})
-        at_prompt = hook_shapes(context.teacher_model, context.teacher_input_size)
+        at_prompt = context.teacher_hook_shapes
         self.prompts, self.feedback = nn.ModuleDict(), nn.ModuleDict()
         for stage in self.afp_stages:
             channels, height, width = at_prompt[stage]

@@ -131,6 +131,8 @@ def test_the_pat_formula_gives_the_official_totals():
     assert pat_count("resmlp_12_224", "swin_tiny_patch4_window7_224") == 38_325_389
     assert pat_count("mobilenetv2_100", "swin_tiny_patch4_window7_224") == 32_361_613
     assert pat_count("swin_pico_patch4_window7_224", "convnext_tiny") == 17_768_420
+    assert pat_count("resnet18", "vit_small_patch16_224") == 32_566_100
+    assert pat_count("resnet18", "mixer_b16_224") == 87_822_356
 
 
 def test_the_ofa_formula_gives_the_known_figures():

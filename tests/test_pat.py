@@ -161,6 +161,37 @@ def test_the_official_token_order_defect_would_fail_the_beta_zero_test(teacher, 
     assert not torch.equal(prompted.logits, plain.logits)
 
 
+def test_a_hook_sees_the_patch_tokens_as_a_row_major_map_and_the_class_token_passes_untouched():
+    """A ViT's (B, 1 + 4, D) tokens: the hook gets (B, D, 2, 2) with token 1 + 2r + c at (r, c), and what it returns
+    replaces the patch tokens only (the official code dropped the last token instead of the class token)."""
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    seen = {}
+
+    def hook(grid):
+        seen["grid"] = grid.clone()
+        return grid + 100
+    out = staged._hooked(tokens, hook, "NLC", prefix=1)
+    for r in range(2):
+        for c in range(2):
+            assert torch.equal(seen["grid"][:, :, r, c], tokens[:, 1 + 2 * r + c])
+    assert torch.equal(out[:, 0], tokens[:, 0]) and torch.equal(out[:, 1:], tokens[:, 1:] + 100)
+
+
+def test_the_region_attention_does_not_depend_on_the_samples_place_in_the_batch():
+    """Its positional encoding is indexed by token position (the official code indexed it by batch position)."""
+    torch.manual_seed(0)
+    distiller = build_distiller(parse(), create_model("resnet18", num_classes=CLASSES, img_size=IMG), input_size=IMG,
+                                teacher=create_model("convnext_atto", num_classes=CLASSES, img_size=IMG)).eval()
+    images = torch.randn(4, 3, IMG, IMG)
+    stages = extract_features(distiller.student, images, FeatureRequest(stages=(1, 2, 3, 4))).stages
+    order = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        plain = distiller.region_attention(stages)
+        permuted = distiller.region_attention({s: t[order] for s, t in stages.items()})
+    for stage in plain:
+        torch.testing.assert_close(permuted[stage], plain[stage][order], rtol=1e-5, atol=1e-6)
+
+
 # gradients, module tree, precision -------------------------------------------------------------------------------
 
 def check_gradients(distiller, step, closed):

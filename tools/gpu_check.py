@@ -259,8 +259,8 @@ def check_pat(checker):
     betas = {stage: block.beta.item() for stage, block in run.distiller.prompts.items()}
     if not all(beta != 0 and math.isfinite(beta) for beta in betas.values()):
         raise CheckFailed(f"PAT's betas did not move from 0: {betas}")
-    if any(p.grad is not None for p in run.teacher.model.parameters()):
-        raise CheckFailed("a gradient reached the frozen teacher's weights")
+    if any(p.requires_grad or p.grad is not None for p in run.teacher.model.parameters()):
+        raise CheckFailed("the frozen teacher's weights require or hold a gradient")
     return {**figures, "betas": betas, "extra_params": run.distiller.extra_parameter_count()}
 
 
