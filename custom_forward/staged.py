@@ -10,7 +10,8 @@ Where stage k begins, per family (the place PAT's official code inserts its prom
 - ResNet: before layer k (after the stem for k = 1); ConvNeXt: before stages[k-1] (its downsample included).
 - Swin: after layers[k-1]'s patch merging, before its blocks (timm 0.6.5 ends a stage with the merging).
 - ViT/DeiT, MLP-Mixer and ResMLP: after the block of stage k-1 (blocks 1, 3, 9 of 12), before block 0 for k = 1.
-The stage table's `register_staged` adds a family; a teacher without a row gets one clear error.
+`register_staged` adds a family; a teacher without a row gets one clear error. `kdcore.stages.hook_shapes` finds
+what each hook receives by a dry run.
 """
 import math
 from dataclasses import dataclass
@@ -138,25 +139,3 @@ def staged_forward(model, x, hooks=None):
         stages[stage] = _stage_layout(h, staged.layout)
     return staged.finish(model, h), stages
 
-
-def hook_shapes(model, input_size):
-    """{paper stage: (C, H, W)} of the map a hook receives where each stage begins, by a dry run at `input_size`
-    ((C, H, W)) in eval mode under no_grad (the modes restored)."""
-    shapes = {}
-
-    def recorder(stage):
-        def record(grid):
-            shapes[stage] = tuple(grid.shape[1:])
-            return grid
-        return record
-    modes = {m: m.training for m in model.modules()}
-    param = next(model.parameters())
-    model.eval()
-    try:
-        with torch.no_grad():
-            staged_forward(model, torch.zeros(1, *input_size, device=param.device, dtype=param.dtype),
-                           {stage: recorder(stage) for stage in (1, 2, 3, 4)})
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    return shapes

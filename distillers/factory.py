@@ -2,9 +2,8 @@
 its model, by its `describe(stages)` (a frozen or cached source of the engine) or by an `OutputInfo` already."""
 import torch
 
-from custom_forward.staged import hook_shapes
 from kdcore.errors import UserError
-from kdcore.stages import OutputInfo, describe_model
+from kdcore.stages import OutputInfo, describe_model, hook_shapes
 
 from .base import DistillerContext
 from .registry import DISTILLERS, get_distiller_class
@@ -17,10 +16,6 @@ def describe(source, input_size, stages):
     if isinstance(source, torch.nn.Module):
         return describe_model(source, input_size, stages)
     return source.describe(stages)
-
-
-def _chw(size):
-    return (3, size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
 
 
 def refuse_unread_flags(cls, args):
@@ -65,7 +60,7 @@ def build_distiller(args, student, *, input_size=None, teacher=None, teacher_inp
         num_classes=num_classes or args.num_classes, dataset_size=dataset_size, train_labels=train_labels,
         world_size=world_size,
         seed=args.seed, student=describe(student, input_size, student_request.stages),
-        teacher_hook_shapes=hook_shapes(teacher, _chw(teacher_input_size or input_size))
+        teacher_hook_shapes=hook_shapes(teacher, teacher_input_size or input_size)
         if cls.needs_live_teacher and isinstance(teacher, torch.nn.Module) else None,
         teacher=describe(teacher, teacher_input_size or input_size, teacher_request.stages)
         if teacher_request is not None and teacher is not None else None,

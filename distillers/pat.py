@@ -225,7 +225,6 @@ class PAT(Distiller):
     borrowed_flags = {"kd_temperature": "kd"}
     needs_live_teacher = "its prompts train inside the teacher's forward"
     student_request = FeatureRequest(stages=PAPER_STAGES)
-
     teacher_request = FeatureRequest(stages=PAPER_STAGES, logits=True)  # z_t, and the T_k of the feedback and shapes
 
     def __init__(self, student, context):
@@ -248,7 +247,7 @@ class PAT(Distiller):
             str(s): MapAligner(args.pat_raa_dim, grid, info) if info.layout == "NCHW"
             else TokenAligner(args.pat_raa_dim, queries, info) for s, info in self.teacher_stages.items()})
         at_prompt = context.teacher_hook_shapes
-        self.prompts, self.feedback = nn.ModuleDict(), nn.ModuleDict()
+        self.prompts = nn.ModuleDict()
         for stage in self.afp_stages:
             channels, height, width = at_prompt[stage]
             self.prompts[str(stage)] = PromptBlock(channels)
@@ -281,14 +280,17 @@ class PAT(Distiller):
         return module_name.startswith("prompts.") and module_name.count(".") >= 2
 
     def _feedback(self, aligned, teacher_feats):
-        """{afp stage: A_k - T_k of this process's samples as the map at the prompt}, from the global batch."""
+        """{afp stage: A_k - T_k of this process's samples as the map at the prompt}; a feedback projection (whose
+        BatchNorm needs the global batch) runs on the global batch, then keeps this process's rows."""
         feedback = {}
         for stage in self.afp_stages:
-            info = self.teacher_stages[stage]
-            teacher = patch_map(gather_no_grad(teacher_feats.stages[stage]), info)
-            delta = as_map(aligned[stage].detach()) - teacher
-            block = self.prompts[str(stage)]
-            feedback[stage] = local_rows(block.feedback(delta) if hasattr(block, "feedback") else delta)
+            info, block = self.teacher_stages[stage], self.prompts[str(stage)]
+            teacher, student = teacher_feats.stages[stage], aligned[stage].detach()
+            if hasattr(block, "feedback"):
+                delta = as_map(student) - patch_map(gather_no_grad(teacher), info)
+                feedback[stage] = local_rows(block.feedback(delta))
+            else:
+                feedback[stage] = as_map(local_rows(student)) - patch_map(teacher, info)
         return feedback
 
     def distill_losses(self, student_feats, teacher_feats, batch):

@@ -8,6 +8,7 @@ from typing import Collection, Sequence
 import torch
 
 from custom_forward import family_for
+from custom_forward.staged import staged_forward
 
 from .features import FeatureRequest, embedding_dim, extract_features
 
@@ -38,21 +39,41 @@ def probe_stages(model: torch.nn.Module, input_size: int | Sequence[int],
     """
     if not stages:
         return {}
+    family = family_for(model)
+    feats = dry_run(model, input_size, lambda x: extract_features(model, x, FeatureRequest(stages=tuple(stages),
+                                                                                         logits=False)))
+    prefix = family.prefix_tokens(model)
+    return {s: StageInfo(s, family.kind, family.layout, prefix, tuple(t.shape[1:])) for s, t in feats.stages.items()}
+
+
+def dry_run(model: torch.nn.Module, input_size: int | Sequence[int], run):
+    """`run(x)` on one zero image of `input_size` ((C, H, W), or an int for 3 x size x size) in the model's device and
+    dtype, in eval mode under no_grad; every submodule's train/eval mode is restored after."""
     if isinstance(input_size, int):
         input_size = (3, input_size, input_size)
-    family = family_for(model)
     param = next(model.parameters())
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
-            feats = extract_features(model, x, FeatureRequest(stages=tuple(stages), logits=False))
+            return run(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     finally:
         for m, training in modes.items():
             m.training = training
-    prefix = family.prefix_tokens(model)
-    return {s: StageInfo(s, family.kind, family.layout, prefix, tuple(t.shape[1:])) for s, t in feats.stages.items()}
+
+
+def hook_shapes(model: torch.nn.Module, input_size: int | Sequence[int]) -> dict[int, tuple[int, ...]]:
+    """{paper stage: (C, H, W)} of the map a `staged_forward` hook receives where each stage begins, by a dry run at
+    `input_size`."""
+    shapes = {}
+
+    def recorder(stage):
+        def record(grid):
+            shapes[stage] = tuple(grid.shape[1:])
+            return grid
+        return record
+    dry_run(model, input_size, lambda x: staged_forward(model, x, {stage: recorder(stage) for stage in (1, 2, 3, 4)}))
+    return shapes
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ CACHE = ["--richkd-cache", "{fixtures}/cache"]
 # case name -> (train.py flags, whether the distiller's initial state is carried over and only one step taken)
 CASES = {
     **{name: (["--distiller", name], False)
-       for name in ("vanilla", "kd", "bkd", "dkd", "dist", "correlation", "rkd", "fitnet", "rsd", "ofa", "crd")},
+       for name in ("vanilla", "kd", "bkd", "dkd", "dist", "correlation", "rkd", "fitnet", "rsd", "ofa", "crd", "pat")},
     "rsd_logits": (["--distiller", "rsd", "--rsd-target", "logits"], False),
     "rsd_branches": (["--distiller", "rsd", "--rsd-branch-stage", "1", "2", "3", "4"], False),
     "ofa_rsd": (["--distiller", "ofa", "--ofa-criterion", "rsd"], False),
