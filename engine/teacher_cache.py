@@ -60,7 +60,7 @@ def fingerprint(args, student_data_config, teacher_precision, weights_sha256):
     config = student_data_config
     return {
         "dataset": {"kind": args.dataset, "train_subset": args.train_subset,
-                    "train_subset_seed": args.train_subset_seed},
+                    "train_subset_seed": args.train_subset_seed, "holdout": args.holdout},
         "teacher": {"name": args.teacher, "weights_sha256": weights_sha256, "use_ema_teacher": args.use_ema_teacher,
                     "precision": teacher_precision, "channels_last": bool(args.channels_last),
                     "input": {"mean": list(spec.mean), "std": list(spec.std), "size": list(spec.size)}},

@@ -41,6 +41,10 @@ def add_data_arguments(p):
                    help="train on a fixed class-balanced subset of N training images (the same for every --seed); "
                         "0: the whole training set")
     g.add_argument("--train-subset-seed", type=int, default=0, help="which subset --train-subset picks")
+    g.add_argument("--holdout", type=int, default=None, metavar="N",
+                   help="hold a fixed class-balanced split of N training images out of training and evaluate on it "
+                        "(the same split for every run; --train-subset draws from the rest); the dataset's own "
+                        "evaluation images are then left for validate.py without --holdout")
     g.add_argument("--img-size", type=int, default=None, help="input size (default: the student's)")
     g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N")
     g.add_argument("--crop-pct", type=float, default=None)

@@ -1,81 +1,115 @@
 #!/usr/bin/env python3
-"""The fidelity study: distillation methods x cross-architecture pairs x seeds, each a plain train.py run.
+"""The fidelity study: distillation methods x cross-architecture pairs x seeds, under a protocol that holds.
 
-    python tools/fidelity_study.py                      # the full grid of configs/study/fidelity.yaml
-    python tools/fidelity_study.py --methods scratch kd dkd ofa rsd dist fitnet crd --seeds 0 1 2
-    python tools/fidelity_study.py --aggregate-only     # rebuild the table, plot and CKA maps from the runs
-    python tools/fidelity_study.py --tiny --out /tmp/s  # a few steps on synthetic data (the test suite's)
+    python tools/fidelity_study.py                       # pilot, tuning, grid; again to resume (finished runs skip)
+    python tools/fidelity_study.py --until pilot         # stop after the pilot's choice
+    python tools/fidelity_study.py --aggregate-only      # rebuild the records, table and plot from the runs
+    python tools/fidelity_study.py --tiny --out /tmp/s   # every phase in a few steps on synthetic data (tests)
 
 Both pairs start from the config's teacher (the shipped ConvNeXt-style convnext_demo_32): one to the DeiT-style
-deit_demo_32, one to the MLP-Mixer-style mixer_demo_32. The recipe (low-data subset, epochs, optimiser, the
-teacher pinned to fp32) lives in the YAML config; per-method settings are the distillers' own defaults.
+deit_demo_32, one to the MLP-Mixer-style mixer_demo_32. The recipe lives in configs/study/fidelity.yaml, with its
+`holdout`: a fixed class-balanced validation split of Fashion-MNIST training images, disjoint from the training
+subset and the same for every run, on which every choice is made. The test set scores each final model once: its
+last epoch, and the checkpoint its validation top-1 selected.
 
-Run `k` of method `m` on pair `p` lives in `<out>/<p>/<m>/seed<k>`. Run again, the study skips finished runs
-(summary.csv holds every epoch), resumes half-finished ones (`train.py --resume`, so the weights equal an
-uninterrupted run's) and starts the rest. After each run it rewrites:
-- `results.csv`: method, pair, seed, best and last top-1, wall seconds, CPU, date of every finished run;
-- `table.md`: mean +- sample std of the last-epoch top-1 over seeds (and of the best epoch's) per method and pair;
-- `top1.png`: one panel per pair, last-epoch top-1 per method, mean with std error bars and each seed's point;
-and at the end `cka_<pair>.png`: the teacher's and the scratch, KD, OFA and RSD students' (first seed) linear
-CKA maps side by side (tools/cka.py).
+1. Pilot: scratch on every student with the plan's pilot seeds, at E and 2E epochs for E = base, 2 base, 4 base
+   (4 base: the most epochs within the step cap). Scratch has plateaued at E when its 2E run gains less than the
+   plan's plateau gain (0.3 points of validation top-1, the mean over seeds) on every student. The first E that
+   plateaus, on the first training-subset size where one does, sets every later run's subset and epochs; when
+   none does, the largest E of the last size, recorded as not plateaued.
+2. Tuning: each method at its default and one alternative value, on the tuning student's pair and seeds; the
+   higher validation top-1 wins (a tie keeps the default), then is fixed for every pair and seed.
+3. Grid: every method at its chosen value on every pair, for the grid seeds (initialisation and augmentation).
+KD, DKD, OFA and RSD read the teacher from a cache per seed (tools/build_cache.py), built before their runs.
+`--jobs` runs share the machine, one thread each. Under --out, rewritten as runs finish: results.csv (a row per
+run), pilot.json, tuning.json, table.md (cells, paired differences with Holm-corrected p), top1.png (our gains
+beside the paper's) and, at the end, the CKA maps of seed 0 (tools/cka.py).
 """
 import argparse
-import csv
 import datetime
 import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
+from dataclasses import dataclass
 
 import timm
-import yaml
-from matplotlib.figure import Figure
+import torch
 
 import custom_model  # noqa: F401  (registers the demo students with timm before --students is checked)
 from distillers import DISTILLERS
 from engine.config import load_config
 from engine.loop import format_seconds
 from engine.train_args import build_train_parser
+from engine.weights import read_checkpoint
 from kdcore.errors import UserError, exit_cleanly_on_error
-from kdcore.io import atomic_write, atomic_write_csv, atomic_write_text
+from kdcore.io import atomic_write_csv, atomic_write_json
 from kdcore.machine import cpu_model_name
 from tools.cka import main as cka_main
+from tools.study_report import write_report
+from tools.study_runs import (
+    METHODS,
+    TEST_SCORES,
+    RunSpec,
+    Study,
+    epoch_rows,
+    is_done,
+    read_marker,
+    run_jobs,
+    setting_text,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-METHODS = {"scratch": "vanilla", "kd": "kd", "dkd": "dkd", "dist": "dist", "fitnet": "fitnet", "crd": "crd",
-           "ofa": "ofa", "rsd": "rsd"}  # study name -> --distiller, in the table's order
-REQUIRED_METHODS = ("scratch", "kd", "dkd", "ofa", "rsd")
-CKA_METHODS = ("scratch", "kd", "ofa", "rsd")
-STUDENTS = ("deit_demo_32", "mixer_demo_32")
-SEEDS = (0, 1, 2)
 CONFIG = os.path.join(REPO, "configs", "study", "fidelity.yaml")
-RESULT_COLUMNS = ("method", "pair", "seed", "best_top1", "last_top1", "wall_s", "cpu", "date")
-MARKER = "study.json"  # per run: wall seconds over all its attempts, their CPU(s), the date it finished
-HEARTBEAT_S = 10  # how often a running run's wall time is written to its marker
+CKA_METHODS = ("scratch", "kd", "ofa", "rsd")
+RESULT_COLUMNS = ("pair", "method", "hyperparameters", "seed", "train_subset", "holdout", "epochs", "steps",
+                  "val_top1_last", "val_top1_best", "best_epoch", "test_top1_last", "test_top1_selected",
+                  "wall_s", "cpu", "date", "roles")
 
-# --tiny: two methods, one seed, 4 steps of 16 images on generated data, scored on 32 images
-TINY_METHODS, TINY_SEEDS, TINY_CKA_IMAGES = ("scratch", "rsd"), (0,), 16
+
+@dataclass(frozen=True)
+class Plan:
+    """What the study runs: its students (one pair each), methods, pilot, tuning and grid."""
+
+    students: tuple
+    methods: tuple
+    pilot_subsets: tuple  # training-subset sizes, tried in order until scratch plateaus within the cap
+    pilot_seeds: tuple
+    pilot_levels: int  # E = base * 2**k, k < levels, the largest within step_cap
+    plateau_gain: float  # validation top-1 points that 2E may gain over E at a plateau
+    step_cap: int  # optimizer steps of a run at E (the pilot's 2E runs take up to twice as many)
+    tuning: dict  # method -> (train.py dest, the alternative to its default)
+    tuning_student: str
+    tuning_seeds: tuple
+    grid_seeds: tuple
+
+
+TUNING = {"scratch": ("lr", 2e-3), "kd": ("kd_temperature", 4.0), "dkd": ("dkd_beta", 8.0),
+          "ofa": ("ofa_eps", 1.5), "rsd": ("rsd_loss_weight", 0.4)}
+FULL_PLAN = Plan(students=("deit_demo_32", "mixer_demo_32"), methods=("scratch", "kd", "dkd", "ofa", "rsd"),
+                 pilot_subsets=(2000, 1000), pilot_seeds=(0, 1), pilot_levels=3, plateau_gain=0.3, step_cap=750,
+                 tuning=TUNING, tuning_student="mixer_demo_32", tuning_seeds=(0,), grid_seeds=(0, 1, 2, 3, 4))
+# --tiny: two methods, one seed, 64 generated images at batch 16 (4 steps an epoch), 2 and 4 epochs
+TINY_PLAN = Plan(students=("deit_demo_32", "mixer_demo_32"), methods=("scratch", "rsd"), pilot_subsets=(64,),
+                 pilot_seeds=(0,), pilot_levels=1, plateau_gain=math.inf, step_cap=8, tuning=TUNING,
+                 tuning_student="mixer_demo_32", tuning_seeds=(0,), grid_seeds=(0,))
 TINY_TRAIN_ARGS = ["--dataset", "synthetic", "--synthetic-train-size", "128", "--synthetic-val-size", "32",
-                   "--train-subset", "64", "--epochs", "1", "-b", "16", "--workers", "0", "--log-interval", "1",
-                   "--warmup-epochs", "0"]
+                   "--holdout", "32", "-b", "16", "--workers", "0", "--log-interval", "1", "--warmup-epochs", "0"]
+TINY_DATA_ARGS = ["--dataset", "synthetic"]
+TINY_CKA_IMAGES = 16
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=CONFIG, help="train.py YAML config holding the recipe and the teacher")
     p.add_argument("--out", default="", help="study folder (default: the config's `output`)")
-    p.add_argument("--methods", nargs="+", default=None, choices=tuple(METHODS),
-                   help=f"default: {' '.join(REQUIRED_METHODS)}")
-    p.add_argument("--students", nargs="+", default=list(STUDENTS), help="one pair per student, from the teacher")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help=f"default: {' '.join(map(str, SEEDS))}")
     p.add_argument("--teacher-checkpoint", default="", help="default: the config's teacher_pretrained")
+    p.add_argument("--until", default="grid", choices=("pilot", "tuning", "grid"), help="the last phase to run")
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     p.add_argument("--cka-images", type=int, default=500, help="validation images per CKA map (0: no maps)")
     p.add_argument("--aggregate-only", action="store_true", help="train nothing; rebuild the outputs")
-    p.add_argument("--tiny", action="store_true", help="two methods, one seed, a few steps on synthetic data")
+    p.add_argument("--tiny", action="store_true", help="every phase in a few steps on synthetic data")
     return p
 
 
@@ -83,256 +117,238 @@ def pair_name(teacher, student):
     return f"{teacher}-{student}"
 
 
-def run_folder(out, pair, method, seed):
-    return os.path.join(out, pair, method, f"seed{seed}")
+def default_value(values, parser, dest):
+    """A flag's value in the study's config, else train.py's default (a one-value list read as its value)."""
+    value = values[dest] if dest in values else parser.get_default(dest)
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
-def read_marker(folder):
-    path = os.path.join(folder, MARKER)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+class Progress:
+    """The study's state: its settings, every run's roles, the phases' records; writes the outputs."""
+
+    def __init__(self, study, plan, teacher, values, parser, jobs, train):
+        self.study, self.plan, self.teacher, self.jobs, self.train = study, plan, teacher, jobs, train
+        self.batch, self.holdout = values["batch_size"], values.get("holdout")
+        self.defaults = {m: (dest, default_value(values, parser, dest)) for m, (dest, _) in plan.tuning.items()}
+        self.roles, self.pilot, self.tuning = {}, None, None
+        self.started = time.time()
+        self.invocation = {"start": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model_name()}
+
+    def pair(self, student):
+        return pair_name(self.teacher, student)
+
+    def spec(self, student, method, setting, size, epochs, seed):
+        return RunSpec(self.pair(student), student, method, setting, size, epochs, seed)
+
+    def default_setting(self, method):
+        return (self.defaults[method],) if method in self.defaults else ()
+
+    def run(self, runs, role):
+        """Train what is missing of `runs` (unless aggregating); whether all are done."""
+        for run in runs:
+            self.roles.setdefault(run.folder(self.study.out), (run, set()))[1].add(role)
+        if self.train:
+            run_jobs(self.study, runs, self.jobs, on_done=lambda job, wall: self.write(), on_tick=self.log_wall)
+        self.write()
+        return all(is_done(self.study, run) for run in runs)
+
+    def val_last(self, run):
+        return float(epoch_rows(run.folder(self.study.out))[-1]["eval_top1"])
+
+    def rows(self):
+        return [result_row(self.study, run, roles, self.holdout) for run, roles in self.roles.values()
+                if is_done(self.study, run)]
+
+    def log_wall(self):
+        """wall.json: the wall time of every invocation that trained, this one's kept current."""
+        path = os.path.join(self.study.out, WALL_LOG)
+        log = {"invocations": []}
+        if os.path.isfile(path):
+            with open(path) as f:
+                log = json.load(f)
+        entries = [e for e in log["invocations"] if e["start"] != self.invocation["start"]]
+        entries.append(dict(self.invocation, wall_s=round(time.time() - self.started, 1)))
+        atomic_write_json({"invocations": entries, "total_s": round(sum(e["wall_s"] for e in entries), 1)}, path)
+
+    def write(self):
+        out = self.study.out
+        if self.train:
+            self.log_wall()
+        rows = sorted(self.rows(), key=lambda r: (r["pair"], list(METHODS).index(r["method"]), r["hyperparameters"],
+                                                  r["epochs"], r["seed"]))
+        atomic_write_csv(rows, os.path.join(out, "results.csv"), RESULT_COLUMNS)
+        if self.pilot is not None:
+            atomic_write_json(self.pilot, os.path.join(out, "pilot.json"))
+        if self.tuning is not None:
+            atomic_write_json(self.tuning, os.path.join(out, "tuning.json"))
+        write_report(rows, self.pilot, self.tuning, out)
 
 
-def write_marker(folder, marker):
-    """Atomically, so a killed study never leaves a half-written marker."""
-    atomic_write_text(json.dumps(marker), os.path.join(folder, MARKER))
+def result_row(study, run, roles, holdout):
+    folder = run.folder(study.out)
+    epochs = epoch_rows(folder)
+    val = [float(row["eval_top1"]) for row in epochs]
+    marker = read_marker(folder)
+    with open(os.path.join(folder, TEST_SCORES)) as f:
+        test = json.load(f)
+    return {"pair": run.pair, "method": run.method, "hyperparameters": setting_text(run.setting), "seed": run.seed,
+            "train_subset": run.train_subset, "holdout": holdout, "epochs": run.epochs,
+            "steps": read_checkpoint(os.path.join(folder, "last.pth.tar"))["global_step"],
+            "val_top1_last": val[-1], "val_top1_best": max(val), "best_epoch": val.index(max(val)),
+            "test_top1_last": test["last"][0]["top1"], "test_top1_selected": test["best"][0]["top1"],
+            "wall_s": round(marker.get("wall_s", math.nan), 1), "cpu": marker.get("cpu", ""),
+            "date": marker.get("date", ""), "roles": " ".join(sorted(roles, key=PHASES.index))}
 
 
-def epoch_rows(folder):
-    path = os.path.join(folder, "summary.csv")
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+PHASES = ("pilot", "tuning", "grid")
+WALL_LOG = "wall.json"  # the study tool's own wall-clock time, per invocation that trained
 
 
-def is_finished(folder):
-    """Whether the run trained all the epochs its own args.yaml asks for."""
-    args_path = os.path.join(folder, "args.yaml")
-    if not os.path.isfile(args_path):
-        return False
-    with open(args_path) as f:
-        epochs = yaml.safe_load(f)["epochs"]
-    return len(epoch_rows(folder)) >= epochs
+def candidate_epochs(size, batch, plan):
+    """E = base, 2 base, ... (plan.pilot_levels of them), the largest the most epochs within the step cap."""
+    steps_per_epoch = size // batch
+    if steps_per_epoch < 1:
+        raise UserError(f"--train-subset {size} is smaller than the batch size {batch}")
+    top = plan.step_cap // steps_per_epoch
+    base = top // 2 ** (plan.pilot_levels - 1)
+    if base < 1:
+        raise UserError(f"the step cap {plan.step_cap} allows {top} epochs of {size} images at batch {batch}, "
+                        f"too few for {plan.pilot_levels} pilot levels")
+    return [base * 2 ** k for k in range(plan.pilot_levels)]
 
 
-def train_command(config, folder, student, method, seed, teacher_checkpoint, extra):
-    """The train.py command of a run in `folder`: the same for its first start and every later one, which
-    `--resume auto` continues from the run's newest checkpoint (a recovery file after a kill or preemption)."""
-    return [sys.executable, os.path.join(REPO, "train.py"), "-c", config, "--model", student,
-            "--distiller", METHODS[method], "--seed", str(seed), "--teacher-pretrained", teacher_checkpoint,
-            "--output", os.path.dirname(folder), "--experiment", os.path.basename(folder), "--resume", "auto",
-            *extra]
+def pilot_phase(progress):
+    """The pilot's levels and its choice of (training subset, epochs); None when runs are missing."""
+    plan, levels = progress.plan, []
+    record = {"rule": f"scratch has plateaued at E epochs when its 2E-epoch run gains less than {plan.plateau_gain} "
+                      f"points of validation top-1 (the mean over seeds {list(plan.pilot_seeds)}) on every student",
+              "step_cap": plan.step_cap, "batch_size": progress.batch, "levels": levels, "choice": None}
+    progress.pilot = record
+    for size in plan.pilot_subsets:
+        for epochs in candidate_epochs(size, progress.batch, plan):
+            runs = {(s, e, seed): progress.spec(s, "scratch", progress.default_setting("scratch"), size, e, seed)
+                    for s in plan.students for e in (epochs, 2 * epochs) for seed in plan.pilot_seeds}
+            if not progress.run(list(runs.values()), "pilot"):
+                return None
+            gains = {s: statistics.mean(progress.val_last(runs[s, 2 * epochs, seed]) -
+                                        progress.val_last(runs[s, epochs, seed]) for seed in plan.pilot_seeds)
+                     for s in plan.students}
+            plateau = all(gain < plan.plateau_gain for gain in gains.values())
+            levels.append({"train_subset": size, "epochs": epochs, "check_epochs": 2 * epochs,
+                           "steps": epochs * (size // progress.batch),
+                           "gain": {progress.pair(s): round(g, 3) for s, g in gains.items()}, "plateau": plateau})
+            if plateau:
+                record["choice"] = {"train_subset": size, "epochs": epochs, "plateaued": True}
+                return record["choice"]
+    last = levels[-1]
+    record["choice"] = {"train_subset": last["train_subset"], "epochs": last["epochs"], "plateaued": False}
+    return record["choice"]
 
 
-def train_one(command, folder, cpu):
-    """Run train.py, its output appended to <folder>/train_output.txt, keeping the marker's wall time current
-    (a resumed run adds to the time of its earlier attempts). Returns the run's total wall seconds."""
-    earlier = read_marker(folder)  # {} for a first start
-    before = earlier.get("wall_s", 0.0)
-    cpus = set(earlier.get("cpu", "").split(" + ")) - {""}
-    marker = {"cpu": " + ".join(sorted(cpus | {cpu}))}
-    os.makedirs(folder, exist_ok=True)
-    start = time.time()
-    with open(os.path.join(folder, "train_output.txt"), "a") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            while True:
-                try:
-                    code = process.wait(timeout=HEARTBEAT_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    write_marker(folder, dict(marker, wall_s=before + time.time() - start))
-        except BaseException:  # Ctrl-C or a kill of the study: stop the run too, the next invocation resumes it
-            process.terminate()
-            process.wait()
-            raise
-    wall = before + time.time() - start
-    if code != 0:
-        with open(os.path.join(folder, "train_output.txt")) as f:
-            tail = "".join(f.readlines()[-15:])
-        raise UserError(f"train.py failed (exit code {code}) in {folder}; its output ends:\n{tail}\n"
-                        f"fix the cause and run the study again: finished runs are kept")
-    write_marker(folder, dict(marker, wall_s=wall, date=datetime.date.today().isoformat()))
-    return wall
+def tuning_phase(progress, schedule):
+    """{method: setting} chosen on the validation split; None when runs are missing."""
+    plan = progress.plan
+    size, epochs = schedule["train_subset"], schedule["epochs"]
+    tuned = [m for m in plan.methods if m in plan.tuning]
+    candidates = {m: [progress.defaults[m], (plan.tuning[m][0], plan.tuning[m][1])] for m in tuned}
+    runs = {(m, k, seed): progress.spec(plan.tuning_student, m, (candidates[m][k],), size, epochs, seed)
+            for m in tuned for k in (0, 1) for seed in plan.tuning_seeds}
+    record = {"pair": progress.pair(plan.tuning_student), "seeds": list(plan.tuning_seeds),
+              "metric": "validation top-1 at the last epoch (mean over the seeds); a tie keeps the default",
+              "methods": {}}
+    progress.tuning = record
+    if not progress.run(list(runs.values()), "tuning"):
+        return None
+    chosen = {}
+    for m in tuned:
+        scores = [statistics.mean(progress.val_last(runs[m, k, seed]) for seed in plan.tuning_seeds) for k in (0, 1)]
+        k = 1 if scores[1] > scores[0] else 0
+        chosen[m] = (candidates[m][k],)
+        dest = candidates[m][0][0]
+        record["methods"][m] = {"flag": "--" + dest.replace("_", "-"), "default": candidates[m][0][1],
+                                "alternative": candidates[m][1][1], "val_top1": {"default": scores[0],
+                                                                                 "alternative": scores[1]},
+                                "chosen": candidates[m][k][1]}
+    return chosen
 
 
-def collect_results(out):
-    """One row per finished run under `out` (<pair>/<method>/seed<k>), whatever grid produced it."""
-    rows = []
-    if not os.path.isdir(out):
-        return rows
-    for pair in sorted(os.listdir(out)):
-        for method in METHODS:
-            method_dir = os.path.join(out, pair, method)
-            if not os.path.isdir(method_dir):
-                continue
-            for name in os.listdir(method_dir):
-                folder = os.path.join(method_dir, name)
-                if not (name.startswith("seed") and name[4:].isdigit() and is_finished(folder)):
-                    continue
-                top1 = [float(row["eval_top1"]) for row in epoch_rows(folder)]
-                marker = read_marker(folder)
-                rows.append({"method": method, "pair": pair, "seed": int(name[4:]), "best_top1": max(top1),
-                             "last_top1": top1[-1], "wall_s": round(marker["wall_s"], 1) if "wall_s" in marker else "",
-                             "cpu": marker.get("cpu", ""), "date": marker.get("date", "")})
-    return sorted(rows, key=lambda r: (r["pair"], list(METHODS).index(r["method"]), r["seed"]))
+def grid_phase(progress, schedule, chosen):
+    plan = progress.plan
+    runs = [progress.spec(s, m, chosen.get(m, progress.default_setting(m)), schedule["train_subset"],
+                          schedule["epochs"], seed)
+            for seed in plan.grid_seeds for s in plan.students for m in plan.methods]
+    return runs if progress.run(runs, "grid") else None
 
 
-def read_results_csv(path):
-    with open(path, newline="") as f:
-        return [dict(row, seed=int(row["seed"]), best_top1=float(row["best_top1"]),
-                     last_top1=float(row["last_top1"])) for row in csv.DictReader(f)]
-
-
-def summarise(rows, column):
-    """{(method, pair): (mean, sample std or nan for one seed, n)} of `column` over seeds."""
-    groups = {}
-    for row in rows:
-        groups.setdefault((row["method"], row["pair"]), []).append(row[column])
-    return {key: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else math.nan, len(v))
-            for key, v in groups.items()}
-
-
-def ordered(rows):
-    """(methods, pairs) present in `rows`: methods in the study's order, pairs in first appearance."""
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    methods += sorted({r["method"] for r in rows} - set(methods))
-    return methods, list(dict.fromkeys(r["pair"] for r in rows))
-
-
-def format_cell(stats):
-    if stats is None:
-        return "-"
-    mean, std, n = stats
-    return f"{mean:.2f} ± {std:.2f} (n={n})" if n > 1 else f"{mean:.2f} (n=1)"
-
-
-def write_table(rows, path):
-    """table.md: mean +- sample std (n - 1) over seeds, per method (rows) and pair (columns)."""
-    methods, pairs = ordered(rows)
-    cpus = sorted({r["cpu"] for r in rows if r["cpu"]})
-    dates = sorted({r["date"] for r in rows if r["date"]})
-    span = f"{dates[0]} to {dates[-1]}" if dates else "unknown"
-    lines = ["Top-1 (%) on the evaluation set, mean ± sample standard deviation over seeds (n seeds).",
-             f"CPU: {'; '.join(cpus) or 'unknown'}. Dates: {span}.", ""]
-    for column, title in (("last_top1", "Last epoch"),
-                          ("best_top1", "Best epoch (chosen on the test set itself, so optimistic)")):
-        stats = summarise(rows, column)
-        lines += [f"{title}:", "", "| method | " + " | ".join(pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
-        lines += [f"| {m} | " + " | ".join(format_cell(stats.get((m, p))) for p in pairs) + " |" for m in methods]
-        lines.append("")
-    atomic_write_text("\n".join(lines), path)
-
-
-def plot_top1(rows, path):
-    """top1.png: a panel per pair, last-epoch top-1 per method: mean with std error bars, and each seed."""
-    methods, pairs = ordered(rows)
-    stats = summarise(rows, "last_top1")
-    panel_width = max(3.0, 0.7 * len(methods))
-    fig = Figure(figsize=(1.0 + panel_width * len(pairs), 3.8))
-    axes = fig.subplots(1, len(pairs), squeeze=False, sharey=True)
-    for ax, pair in zip(axes[0], pairs):
-        for x, method in enumerate(methods):
-            if (method, pair) not in stats:
-                continue
-            mean, std, _ = stats[(method, pair)]
-            ax.errorbar(x, mean, yerr=0.0 if math.isnan(std) else std, fmt="o", color="C0", capsize=4, markersize=7)
-            seeds = [r["last_top1"] for r in rows if r["method"] == method and r["pair"] == pair]
-            ax.plot([x + 0.18] * len(seeds), seeds, ".", color="0.5", markersize=5)
-        ax.set_xticks(range(len(methods)), methods)
-        ax.set_xlim(-0.5, len(methods) - 0.5)
-        ax.set_title(pair.replace("-", "\n-> "), fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("top-1 (%), last epoch")
-    fig.suptitle("mean ± std over seeds (grey: each seed)", fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130))
-
-
-def aggregate(out):
-    """results.csv, table.md and top1.png from the finished runs under `out`; the rows."""
-    rows = collect_results(out)
-    atomic_write_csv(rows, os.path.join(out, "results.csv"), RESULT_COLUMNS)
-    if rows:
-        write_table(rows, os.path.join(out, "table.md"))
-        plot_top1(rows, os.path.join(out, "top1.png"))
-    return rows
-
-
-def cka_maps(out, teacher, teacher_checkpoint, pairs, seed, images):
-    """cka_<pair>.png: CKA of the teacher against the CKA_METHODS students (first seed) found finished."""
-    for pair in pairs:
-        found = [(m, run_folder(out, pair, m, seed)) for m in CKA_METHODS]
-        found = [(m, folder) for m, folder in found if is_finished(folder)]
+def cka_maps(progress, grid_runs, teacher_checkpoint, images):
+    """cka_<pair>.png: CKA of the teacher against the CKA_METHODS students of the first grid seed."""
+    seed = progress.plan.grid_seeds[0]
+    for student in progress.plan.students:
+        found = [r for r in grid_runs if r.student == student and r.seed == seed and r.method in CKA_METHODS]
         if not found:
             continue
-        cka_main(["--teacher", teacher, "--teacher-checkpoint", teacher_checkpoint, "--images", str(images),
+        out = progress.study.out
+        pair = progress.pair(student)
+        cka_main(["--teacher", progress.teacher, "--teacher-checkpoint", teacher_checkpoint, "--images", str(images),
                   "--batch-size", str(min(100, images)), "--workers", "0",
-                  "--student-checkpoint", *[os.path.join(f, "last.pth.tar") for _, f in found],
-                  "--labels", *[m for m, _ in found], "--output", os.path.join(out, f"cka_{pair}.png"),
+                  "--student-checkpoint", *[os.path.join(r.folder(out), "last.pth.tar") for r in found],
+                  "--labels", *[r.method for r in found], "--output", os.path.join(out, f"cka_{pair}.png"),
                   "--json", os.path.join(out, f"cka_{pair}.json")])
 
 
-def run_grid(out, config, pairs, methods, seeds, teacher_checkpoint, extra):
-    """Train every run of the grid that is not finished, seed-major (so an early stop leaves whole seeds),
-    with a progress line per run and the outputs rewritten after each."""
-    grid = [(pair, method, seed) for seed in seeds for pair in pairs for method in methods]
-    cpu = cpu_model_name()
-    for k, (pair, method, seed) in enumerate(grid, 1):
-        folder = run_folder(out, pair, method, seed)
-        head = f"[{k}/{len(grid)}] {pair} {method} seed {seed}"
-        if is_finished(folder):
-            print(f"{head}: finished before, skipped", flush=True)
-            continue
-        command = train_command(config, folder, pairs[pair], method, seed, teacher_checkpoint, extra)
-        print(f"{head}: {'resuming' if os.path.isfile(os.path.join(folder, MARKER)) else 'starting'} ({folder})",
-              flush=True)
-        wall = train_one(command, folder, cpu)
-        aggregate(out)
-        finished = [run_folder(out, *job) for job in grid if is_finished(run_folder(out, *job))]
-        walls = [read_marker(folder)["wall_s"] for folder in finished if "wall_s" in read_marker(folder)]
-        left = len(grid) - len(finished)
-        eta = format_seconds(statistics.mean(walls) * left) if walls else "?"
-        print(f"{head}: done in {format_seconds(wall)}; {left} run(s) left, ETA {eta}", flush=True)
-
-
 def study_settings(opts):
-    """(config path, out folder, teacher, teacher checkpoint) resolved from the options and the config."""
+    """(config path, its values, out folder, teacher, teacher checkpoint) from the options and the config."""
     config = os.path.abspath(opts.config)
-    values, _ = load_config(build_train_parser(DISTILLERS), config)
+    parser = build_train_parser(DISTILLERS)
+    values, _ = load_config(parser, config)
     teacher = values.get("teacher")
     if not teacher:
         raise UserError(f"config {opts.config!r} names no teacher (key `teacher`); the study distils from it")
+    if not values.get("holdout") and not opts.tiny:
+        raise UserError(f"config {opts.config!r} sets no `holdout`: the study chooses on a held-out validation "
+                        f"split of the training images and scores the test set once; add e.g. `holdout: 2000`")
     out = os.path.abspath(opts.out or values.get("output") or "output/study")
     checkpoint = opts.teacher_checkpoint or values.get("teacher_pretrained", "")
     checkpoint = checkpoint if os.path.isabs(checkpoint) else os.path.join(REPO, checkpoint)
-    return config, out, teacher, checkpoint
+    return config, parser, values, out, teacher, checkpoint
 
 
 @exit_cleanly_on_error
 def main(argv=None):
     opts = build_parser().parse_args(argv)
-    config, out, teacher, teacher_checkpoint = study_settings(opts)
-    methods = opts.methods or (TINY_METHODS if opts.tiny else REQUIRED_METHODS)
-    seeds = opts.seeds if opts.seeds is not None else (TINY_SEEDS if opts.tiny else SEEDS)
-    cka_images = min(opts.cka_images, TINY_CKA_IMAGES) if opts.tiny else opts.cka_images
-    unknown = [s for s in opts.students if not timm.is_model(s)]
+    torch.set_num_threads(1)  # the study's own work (test scoring, CKA) runs beside its jobs, one thread each
+    config, parser, values, out, teacher, teacher_checkpoint = study_settings(opts)
+    plan = TINY_PLAN if opts.tiny else FULL_PLAN
+    if opts.tiny:
+        values = dict(values, batch_size=16, holdout=32)
+    unknown = [s for s in plan.students if not timm.is_model(s)]
     if unknown:
-        raise UserError(f"--students {' '.join(unknown)}: not a timm or custom_model name (e.g. {' '.join(STUDENTS)})")
-    pairs = {pair_name(teacher, s): s for s in opts.students}
-    if not opts.aggregate_only and set(methods) - {"scratch"} and not os.path.isfile(teacher_checkpoint):
+        raise UserError(f"students {' '.join(unknown)}: not a timm or custom_model name")
+    if not opts.aggregate_only and not os.path.isfile(teacher_checkpoint):
         raise UserError(f"teacher checkpoint {teacher_checkpoint!r} not found; pass --teacher-checkpoint PATH "
                         f"(the config's teacher_pretrained is the default)")
+    if opts.jobs < 1:
+        raise UserError(f"--jobs {opts.jobs}: run at least one job at a time")
     os.makedirs(out, exist_ok=True)
-    if not opts.aggregate_only:
-        run_grid(out, config, pairs, methods, seeds, teacher_checkpoint, TINY_TRAIN_ARGS if opts.tiny else [])
-    rows = aggregate(out)
-    if cka_images and rows:
-        cka_maps(out, teacher, teacher_checkpoint, pairs, min(seeds), cka_images)
-    print(f"{len(rows)} finished run(s): {os.path.join(out, 'results.csv')}, table.md, top1.png", flush=True)
+    data_args = TINY_DATA_ARGS if opts.tiny else ["--dataset", values["dataset"]] + (
+        [values["data_dir"]] if values.get("data_dir") else [])
+    study = Study(config, out, teacher_checkpoint, cache_student=plan.students[0], data_args=data_args,
+                  extra=TINY_TRAIN_ARGS if opts.tiny else [])
+    progress = Progress(study, plan, teacher, values, parser, opts.jobs, train=not opts.aggregate_only)
+    start = time.time()
+    schedule = pilot_phase(progress)
+    print(f"pilot: {schedule}", flush=True)
+    chosen = tuning_phase(progress, schedule) if schedule and opts.until != "pilot" else None
+    if chosen is not None:
+        print(f"tuning: {' '.join(f'{m} {setting_text(s)}' for m, s in chosen.items())}", flush=True)
+    grid = grid_phase(progress, schedule, chosen) if chosen is not None and opts.until == "grid" else None
+    progress.write()
+    cka_images = min(opts.cka_images, TINY_CKA_IMAGES) if opts.tiny else opts.cka_images
+    if grid and cka_images:
+        cka_maps(progress, grid, teacher_checkpoint, cka_images)
+    rows = progress.rows()
+    print(f"{len(rows)} finished run(s) in {os.path.join(out, 'results.csv')}; table.md, top1.png; this invocation "
+          f"{format_seconds(time.time() - start)}", flush=True)
     return rows
 
 

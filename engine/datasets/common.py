@@ -1,4 +1,4 @@
-"""Dataset building blocks every kind shares: in-memory images and class-balanced subsets.
+"""Dataset building blocks every kind shares: in-memory images, index subsets and class-balanced subsets.
 
 Every kind yields `(PIL image, int label)`, so all go through the same timm transform pipeline; the training
 loader keys each sample by its dataset index (engine/views.py), which distillers also get (memory banks, caches).
@@ -32,31 +32,37 @@ class ArrayImageDataset(Dataset):
         return img, int(self.labels[index])
 
 
-class ClassBalancedSubset(Dataset):
-    """A fixed subset of a training set holding the same number of images of every class.
+def balanced_indices(labels, num_classes, size, seed, exclude=None, flag="--train-subset"):
+    """Sorted dataset indices of `size` samples, the same number of each class (the first size % classes classes
+    one more), drawn by a generator seeded with `seed` from the samples not in `exclude`."""
+    excluded = torch.zeros(len(labels), dtype=torch.bool)
+    if exclude is not None:
+        excluded[torch.as_tensor(exclude, dtype=torch.int64)] = True
+    available = int((~excluded).sum())
+    if not 0 < size <= available:
+        raise UserError(f"{flag} {size} must lie between 1 and the {available} training images it can draw from")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in range(num_classes):
+        wanted = size // num_classes + (1 if cls < size % num_classes else 0)
+        members = torch.nonzero((labels == cls) & ~excluded).flatten()
+        if len(members) < wanted:
+            raise UserError(f"{flag} {size} needs {wanted} images of class {cls}, {len(members)} are left to draw "
+                            f"from; lower {flag}")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:wanted]])
+    return torch.sort(torch.cat(chosen)).values
 
-    The subset depends only on (size, selection seed), never on the run's --seed, so runs that differ in seed
-    train on the same images; dataset indices are positions in the subset (caches are built on it alike).
-    """
 
-    def __init__(self, dataset, size, seed=0):
+class IndexSubset(Dataset):
+    """The samples of `dataset` at `indices` (sorted), renumbered 0..len-1: dataset indices are positions in the
+    subset (caches are built on it alike). `what` describes the subset for the start-up report."""
+
+    def __init__(self, dataset, indices, what):
         labels = dataset_labels(dataset)
-        num_classes = dataset.num_classes
-        if not 0 < size <= len(labels):
-            raise UserError(f"--train-subset {size} must lie between 1 and the training set's {len(labels)} images")
-        generator = torch.Generator().manual_seed(seed)
-        chosen = []
-        for cls in range(num_classes):  # the first (size % classes) classes take one image more
-            wanted = size // num_classes + (1 if cls < size % num_classes else 0)
-            members = torch.nonzero(labels == cls).flatten()
-            if len(members) < wanted:
-                raise UserError(f"--train-subset {size} needs {wanted} images of class {cls}, the training set has "
-                                f"{len(members)}; lower --train-subset")
-            chosen.append(members[torch.randperm(len(members), generator=generator)[:wanted]])
-        self.indices = torch.sort(torch.cat(chosen)).values
+        self.indices = torch.as_tensor(indices, dtype=torch.int64)
         self.dataset, self.labels = dataset, labels[self.indices].numpy()
-        self.num_classes, self.mean, self.std = num_classes, dataset.mean, dataset.std
-        self.source = f"{dataset.source}, class-balanced subset of {size} (selection seed {seed})"
+        self.num_classes, self.mean, self.std = dataset.num_classes, dataset.mean, dataset.std
+        self.source = f"{dataset.source}, {what}"
         if hasattr(dataset, "classes"):
             self.classes = dataset.classes
 
@@ -73,6 +79,18 @@ class ClassBalancedSubset(Dataset):
 
     def __getitem__(self, index):
         return self.dataset[int(self.indices[index])]
+
+
+class ClassBalancedSubset(IndexSubset):
+    """A fixed subset of a training set holding the same number of images of every class.
+
+    The subset depends only on (size, selection seed, the excluded indices), never on the run's --seed, so runs
+    that differ in seed train on the same images.
+    """
+
+    def __init__(self, dataset, size, seed=0, exclude=None, what="class-balanced subset", flag="--train-subset"):
+        indices = balanced_indices(dataset_labels(dataset), dataset.num_classes, size, seed, exclude, flag)
+        super().__init__(dataset, indices, f"{what} of {size} (selection seed {seed})")
 
 
 def dataset_labels(dataset):

@@ -16,11 +16,12 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import torch
 from torch.utils.data import Dataset
 
 from kdcore.errors import UserError
 
-from .common import ClassBalancedSubset
+from .common import ClassBalancedSubset, IndexSubset, balanced_indices, dataset_labels
 
 Reader = Callable[[str, str, argparse.Namespace], Dataset]
 
@@ -95,14 +96,36 @@ def infer_dataset_kind(root: str) -> str:
                     f"exists)")
 
 
+HOLDOUT_SELECTION_SEED = 7919  # --holdout's draw: a generator stream apart from --train-subset-seed's
+
+
+def holdout_indices(train: Dataset, size: int):
+    """The training-set indices --holdout `size` keeps out of training: class-balanced, the same for every run."""
+    return balanced_indices(dataset_labels(train), train.num_classes, size, HOLDOUT_SELECTION_SEED, flag="--holdout")
+
+
 def build_dataset(kind: str, root: str, split: str, args: argparse.Namespace) -> Dataset:
     """The `split` ('train' or 'val') dataset of registered `kind`, with the kind's mean/std and no transform yet.
 
-    The training split is cut to a class-balanced subset when `args.train_subset` is set.
+    With `args.holdout` N, a fixed class-balanced split of N training images is held out: 'val' is that split
+    (the dataset's own evaluation images are then scored only by validate.py without --holdout), and 'train' is
+    drawn from the rest. The training split is cut to a class-balanced subset when `args.train_subset` is set.
     """
     entry = get_dataset_kind(kind)
-    dataset = entry.read(root, split, args)
+    holdout = getattr(args, "holdout", None)
+    dataset = entry.read(root, "train" if holdout else split, args)
     dataset.mean, dataset.std = entry.mean, entry.std
+    if holdout:
+        held = holdout_indices(dataset, holdout)
+        if split == "val":
+            return IndexSubset(dataset, held, f"held-out validation split of {holdout} training images "
+                                              f"(class-balanced, selection seed {HOLDOUT_SELECTION_SEED})")
+        if not getattr(args, "train_subset", None):
+            rest = torch.ones(len(dataset), dtype=torch.bool)
+            rest[held] = False
+            return IndexSubset(dataset, torch.nonzero(rest).flatten(), f"all but the {holdout} held-out images")
+        return ClassBalancedSubset(dataset, args.train_subset, args.train_subset_seed, exclude=held,
+                                   what=f"class-balanced subset outside the {holdout} held-out images")
     if split == "train" and getattr(args, "train_subset", None):
         return ClassBalancedSubset(dataset, args.train_subset, getattr(args, "train_subset_seed", 0))
     return dataset
