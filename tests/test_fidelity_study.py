@@ -1,8 +1,11 @@
-"""tools/fidelity_study.py: its tiny grid end to end, seeds, skipping and resuming, aggregation; the Mixer student."""
+"""tools/fidelity_study.py: its tiny study end to end, skipping finished runs, the held-out split, the pilot's and
+the tuning's decisions, the statistics, the README's figures; the Mixer student; the mixup-pairing study."""
 import csv
 import datetime
+import json
 import re
 import resource
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,14 +13,18 @@ import timm
 import torch
 import yaml
 from conftest import run_cli
+from scipy import stats as scipy_stats
 
 from distillers import DISTILLERS
 from engine.config import parse_args_with_config
+from engine.datasets import build_dataset
 from engine.datasets.synthetic import make_synthetic
 from engine.run import build_run
 from engine.train_args import build_train_parser
+from kdcore.errors import UserError
 from kdcore.features import FeatureRequest, extract_features
 from tools import fidelity_study as study
+from tools import study_stats
 
 TINY_BUDGET_S = 120  # the issue's limit for the tiny mode in the test suite
 DEIT, MIXER = "convnext_demo_32-deit_demo_32", "convnext_demo_32-mixer_demo_32"
@@ -44,19 +51,14 @@ def children_cpu_seconds():
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory, random_demo_teacher):
-    """The tiny grid, with the CPU seconds it took: the study and every train.py under it (OMP_NUM_THREADS=1,
-    one process at a time), i.e. its wall time on a machine of its own, whatever else shares this one.
-    ~21 s on the Xeon, ~60 s expected on the AVX2-only EPYC: the tool runs each of its grid's runs as its own
-    train.py process (what makes a killed study resumable), so it pays their imports; the tests of this
-    module share this one study."""
+    """The tiny study (pilot, tuning, grid of scratch and RSD on both pairs, one seed), with the CPU seconds it
+    took: the study and every train.py and cache build under it (one thread each), i.e. its time on a machine
+    of its own, whatever else shares this one. ~56 s on the Zen 4 EPYC: each run is its own train.py process
+    (what makes a killed study resumable), so it pays their imports; this module's tests share this study."""
     out = tmp_path_factory.mktemp("study")
     before = children_cpu_seconds()
     result = run_cli("tools/fidelity_study.py", "--tiny", "--out", out, "--teacher-checkpoint", random_demo_teacher)
     return out, result, children_cpu_seconds() - before
-
-
-def run_weights(out, pair, method, seed=0):
-    return torch.load(out / pair / method / f"seed{seed}" / "student_last.pth", weights_only=True)
 
 
 def read_csv(path):
@@ -64,23 +66,42 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def run_folder(out, row):
+    return (out / "runs" / row["pair"] / row["method"] / row["hyperparameters"] /
+            f"n{row['train_subset']}_e{row['epochs']}" / f"seed{row['seed']}")
+
+
 @pytest.mark.slow
-def test_tiny_mode_runs_end_to_end_within_budget(tiny_study):
+def test_tiny_mode_runs_every_phase_within_budget(tiny_study):
     out, result, cpu_seconds = tiny_study
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert cpu_seconds < TINY_BUDGET_S, f"the tiny study took {cpu_seconds:.0f} CPU seconds"
-    assert re.search(r"\[4/4\] \S+ rsd seed 0: done in \S+; 0 run\(s\) left, ETA 0:00:00", result.stdout)
     rows = read_csv(out / "results.csv")
-    assert list(rows[0]) == ["method", "pair", "seed", "best_top1", "last_top1", "wall_s", "cpu", "date"]
-    assert sorted((r["pair"], r["method"], r["seed"]) for r in rows) == [
-        (DEIT, "rsd", "0"), (DEIT, "scratch", "0"), (MIXER, "rsd", "0"), (MIXER, "scratch", "0")]
+    assert tuple(rows[0]) == study.RESULT_COLUMNS
+    # pilot: scratch at 2 and 4 epochs on both pairs; tuning: scratch and RSD at both values on the Mixer pair;
+    # grid: both methods at the chosen values on both pairs (the Mixer's runs are the tuning's)
+    pilot = json.loads((out / "pilot.json").read_text())
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert pilot["choice"] == {"train_subset": 64, "epochs": 2, "plateaued": True}
+    assert set(tuning["methods"]) == {"scratch", "rsd"}
+    chosen = {m: f"{t['flag'][2:].replace('-', '_')}={t['chosen']}" for m, t in tuning["methods"].items()}
+    grid = sorted((r["pair"], r["method"], r["hyperparameters"]) for r in rows if "grid" in r["roles"].split())
+    assert grid == sorted((p, m, chosen[m]) for p in (DEIT, MIXER) for m in ("scratch", "rsd"))
+    assert sum("pilot" in r["roles"] for r in rows) == 4 and sum("tuning" in r["roles"] for r in rows) == 4
+    assert len(rows) == len({(r["pair"], r["method"], r["hyperparameters"], r["epochs"]) for r in rows})
     for row in rows:
-        folder = out / row["pair"] / row["method"] / "seed0"
-        top1 = [float(r["eval_top1"]) for r in read_csv(folder / "summary.csv")]
-        assert (float(row["best_top1"]), float(row["last_top1"])) == (max(top1), top1[-1])
-        assert float(row["wall_s"]) > 0 and row["cpu"]
-        assert row["date"] == datetime.date.today().isoformat()
-        assert "teacher_precision: fp32" in (folder / "args.yaml").read_text()  # pinned by the config
+        folder = run_folder(out, row)
+        val = [float(r["eval_top1"]) for r in read_csv(folder / "summary.csv")]
+        assert (float(row["val_top1_last"]), float(row["val_top1_best"])) == (val[-1], max(val))
+        assert int(row["steps"]) == int(row["epochs"]) * (64 // 16)  # 64 images at batch 16
+        test = json.loads((folder / "test.json").read_text())
+        assert float(row["test_top1_last"]) == test["last"][0]["top1"] and test["last"][0]["num_samples"] == 32
+        args = yaml.safe_load((folder / "args.yaml").read_text())
+        assert (args["holdout"], args["train_subset"], args["teacher_precision"]) == (32, 64, "fp32")
+        assert bool(args.get("teacher_cache")) == (row["method"] == "rsd")
+        assert float(row["wall_s"]) > 0 and row["cpu"] and row["date"] == datetime.date.today().isoformat()
+    wall = json.loads((out / "wall.json").read_text())
+    assert len(wall["invocations"]) == 1 and 0 < wall["total_s"] == wall["invocations"][0]["wall_s"]
     table = (out / "table.md").read_text()
     assert re.search(r"\| scratch \| [\d.]+ \(n=1\) \| [\d.]+ \(n=1\) \|", table)
     for png in ("top1.png", f"cka_{DEIT}.png", f"cka_{MIXER}.png"):
@@ -91,30 +112,32 @@ def test_tiny_mode_runs_end_to_end_within_budget(tiny_study):
 def test_second_invocation_skips_finished_runs(tiny_study, random_demo_teacher):
     out, first, _ = tiny_study
     assert first.returncode == 0, first.stderr[-3000:]
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed0/last.pth.tar")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*/*/seed0/last.pth.tar")}
     results = (out / "results.csv").read_text()
     again = run_cli("tools/fidelity_study.py", "--tiny", "--out", out, "--teacher-checkpoint", random_demo_teacher,
                     "--cka-images", "0")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished before, skipped") == 4 and "starting" not in again.stdout
-    assert len(stamps) == 4 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert "starting" not in again.stdout
+    assert len(stamps) == 9 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / "results.csv").read_text() == results
+    assert len(json.loads((out / "wall.json").read_text())["invocations"]) == 2
 
 
 @pytest.mark.slow
-def test_same_seed_gives_the_same_top1_and_weights(tiny_study, random_demo_teacher, tmp_path):
-    """A second grid's seed-0 RSD run equals the first grid's: top-1 and every weight (what a seed does not
-    fix, nothing else may change; that another seed changes the start and the order is tested below)."""
-    first_out, first, _ = tiny_study
+def test_same_command_gives_the_same_weights(tiny_study, tmp_path):
+    """A run's train.py command, started again in another folder, trains the same weights bit for bit."""
+    out, first, _ = tiny_study
     assert first.returncode == 0, first.stderr[-3000:]
-    result = run_cli("tools/fidelity_study.py", "--tiny", "--out", tmp_path, "--teacher-checkpoint",
-                     random_demo_teacher, "--methods", "rsd", "--students", "deit_demo_32", "--cka-images", "0")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    [first_row] = [r for r in read_csv(first_out / "results.csv") if (r["pair"], r["method"]) == (DEIT, "rsd")]
-    [again_row] = read_csv(tmp_path / "results.csv")
-    for column in ("method", "pair", "seed", "best_top1", "last_top1"):
-        assert again_row[column] == first_row[column]
-    weights, repeated = run_weights(first_out, DEIT, "rsd"), run_weights(tmp_path, DEIT, "rsd")
+    [row] = [r for r in read_csv(out / "results.csv") if r["pair"] == DEIT and r["method"] == "rsd"]
+    command = yaml.safe_load((run_folder(out, row) / "args.yaml").read_text())
+    again = run_cli("train.py", "-c", study.CONFIG, *study.TINY_TRAIN_ARGS, "--model", "deit_demo_32",
+                    "--distiller", "rsd", "--seed", "0", "--train-subset", "64", "--epochs", row["epochs"],
+                    "--rsd-loss-weight", str(command["rsd_loss_weight"]), "--teacher-pretrained",
+                    command["teacher_pretrained"], "--teacher-cache", command["teacher_cache"],
+                    "--output", tmp_path, "--experiment", "again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    weights = torch.load(run_folder(out, row) / "student_last.pth", weights_only=True)
+    repeated = torch.load(tmp_path / "again" / "student_last.pth", weights_only=True)
     assert weights.keys() == repeated.keys() and all(torch.equal(weights[k], repeated[k]) for k in weights)
 
 
@@ -143,100 +166,124 @@ def test_seed_changes_initialisation_and_data_order_not_the_subset(tmp_path):
     assert sorted(np.bincount(labels, minlength=10)) == [6] * 6 + [7] * 4  # 64 = 10 x 6 + 4
 
 
-def test_finished_runs_are_skipped_half_finished_ones_resumed(tmp_path):
-    """One command for every start of a run: --resume auto continues a half-finished one (train.py's tests)."""
-    folder = tmp_path / "pair" / "kd" / "seed3"
-    command = study.train_command("cfg.yaml", str(folder), "deit_demo_32", "kd", 3, "/t.pth", ["--epochs", "1"])
-    assert command[2:] == ["-c", "cfg.yaml", "--model", "deit_demo_32", "--distiller", "kd", "--seed", "3",
-                           "--teacher-pretrained", "/t.pth", "--output", str(folder.parent), "--experiment", "seed3",
-                           "--resume", "auto", "--epochs", "1"]
-    folder.mkdir(parents=True)
-    (folder / "args.yaml").write_text("epochs: 2\nseed: 3\n")
-    (folder / "last.pth.tar").write_bytes(b"")
-    (folder / "summary.csv").write_text("epoch,eval_top1\n0,50.0\n")
-    assert not study.is_finished(folder)
-    (folder / "summary.csv").write_text("epoch,eval_top1\n0,50.0\n1,60.0\n")
-    assert study.is_finished(folder)
+def test_the_study_config_holds_out_a_disjoint_balanced_validation_split(fashion_mnist):
+    """The committed config on the real Fashion-MNIST: the held-out validation split and the training subset
+    are disjoint, class-balanced, and the same whatever --seed or --train-subset-seed (for the split)."""
+    values = yaml.safe_load(open(study.CONFIG))
+    args = SimpleNamespace(holdout=values["holdout"], train_subset=values["train_subset"], train_subset_seed=0)
+    train = build_dataset("fashion_mnist", "", "train", args)
+    val = build_dataset("fashion_mnist", "", "val", args)
+    held, trained = set(val.indices.tolist()), set(train.indices.tolist())
+    assert len(held) == values["holdout"] and len(trained) == values["train_subset"] and not held & trained
+    assert np.bincount(val.labels).tolist() == [values["holdout"] // 10] * 10
+    assert np.bincount(train.labels).tolist() == [values["train_subset"] // 10] * 10
+    other = build_dataset("fashion_mnist", "", "val", SimpleNamespace(holdout=values["holdout"], train_subset=500,
+                                                                       train_subset_seed=3))
+    assert other.indices.tolist() == val.indices.tolist()
+    test = build_dataset("fashion_mnist", "", "val", SimpleNamespace())
+    assert len(test) == 10000  # without --holdout, the test set
 
 
-def write_run(out, pair, method, seed, top1, epochs=None, marker=None):
-    folder = out / pair / method / f"seed{seed}"
-    folder.mkdir(parents=True)
-    (folder / "args.yaml").write_text(f"epochs: {epochs or len(top1)}\n")
-    (folder / "summary.csv").write_text("epoch,train_loss,eval_top1\n" +
-                                        "".join(f"{e},1.0,{v}\n" for e, v in enumerate(top1)))
-    if marker:
-        study.write_marker(folder, marker)
+def test_holdout_leaves_the_rest_to_train_on_and_refuses_too_many():
+    args = SimpleNamespace(holdout=30, synthetic_train_size=100, synthetic_val_size=20, synthetic_seed=0,
+                           num_classes=None)
+    train, val = build_dataset("synthetic", "", "train", args), build_dataset("synthetic", "", "val", args)
+    assert len(train) == 70 and sorted(train.indices.tolist() + val.indices.tolist()) == list(range(100))
+    with pytest.raises(UserError, match="--train-subset 71 must lie between 1 and the 70 training images"):
+        build_dataset("synthetic", "", "train",
+                      SimpleNamespace(**dict(vars(args), train_subset=71, train_subset_seed=0)))
+    with pytest.raises(UserError, match="--holdout 101"):
+        build_dataset("synthetic", "", "val", SimpleNamespace(**dict(vars(args), holdout=101)))
 
 
-def test_aggregate_only_collects_finished_runs(tmp_path):
-    marker = {"wall_s": 61.34, "cpu": "Test CPU", "date": "2026-11-24"}
-    write_run(tmp_path, DEIT, "kd", 0, [40.0, 70.5, 65.25], marker=marker)
-    write_run(tmp_path, DEIT, "scratch", 1, [30.0, 55.0], marker=marker)
-    write_run(tmp_path, DEIT, "rsd", 0, [35.0], epochs=3)  # half-finished: left out
-    write_run(tmp_path, MIXER, "scratch", 0, [20.0, 25.0])  # finished, no marker (study killed just after)
-    study.main(["--out", str(tmp_path), "--aggregate-only", "--cka-images", "0"])
-    rows = read_csv(tmp_path / "results.csv")
-    assert rows == [
-        {"method": "scratch", "pair": DEIT, "seed": "1", "best_top1": "55.0", "last_top1": "55.0", "wall_s": "61.3",
-         "cpu": "Test CPU", "date": "2026-11-24"},
-        {"method": "kd", "pair": DEIT, "seed": "0", "best_top1": "70.5", "last_top1": "65.25", "wall_s": "61.3",
-         "cpu": "Test CPU", "date": "2026-11-24"},
-        {"method": "scratch", "pair": MIXER, "seed": "0", "best_top1": "25.0", "last_top1": "25.0", "wall_s": "",
-         "cpu": "", "date": ""}]
-    assert (tmp_path / "top1.png").read_bytes()[:4] == b"\x89PNG"
+class FakeProgress(study.Progress):
+    """The study's decisions on made-up validation figures: every run counts as done, nothing trains."""
+
+    def __init__(self, plan, val):
+        values = {"batch_size": 50, "holdout": 100, "lr": 1e-3}
+        stub = study.Study("cfg", "/nonexistent", "t.pth", cache_student="s", data_args=[])
+        super().__init__(stub, plan, "teacher", values, build_train_parser(DISTILLERS), jobs=1, train=False)
+        self.val, self.asked = val, []
+
+    def run(self, runs, role):
+        self.asked += [(role, r) for r in runs]
+        return True
+
+    def write(self):
+        pass
+
+    def val_last(self, run):
+        return self.val(run)
 
 
-def test_table_of_a_known_csv(tmp_path):
-    """Hand-made results -> table.md cells equal numpy's mean and sample std (ddof 1) of the same numbers."""
-    last = {("scratch", DEIT): [70.1, 71.3, 69.8], ("rsd", DEIT): [75.0, 74.2, 76.1], ("rsd", MIXER): [72.5],
-            ("kd", MIXER): [71.0, 73.5]}
-    path = tmp_path / "results.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "pair", "seed", "best_top1", "last_top1", "wall_s", "cpu", "date"])
-        for (method, pair), values in last.items():
-            for seed, value in enumerate(values):
-                writer.writerow([method, pair, seed, value + 1.0, value, 100, "CPU A", f"2026-11-2{seed}"])
-    study.write_table(study.read_results_csv(path), tmp_path / "table.md")
-    text = (tmp_path / "table.md").read_text()
-    last_table = text.split("Last epoch:")[1].split("Best epoch")[0]
-    best_table = text.split("Best epoch")[1]
-    for table, offset in ((last_table, 0.0), (best_table, 1.0)):
-        rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
-        assert rows[0] == ["method", DEIT, MIXER]
-        cells = {row[0]: row[1:] for row in rows[2:]}
-        assert list(cells) == ["scratch", "kd", "rsd"]  # the study's method order
-        for (method, pair), values in last.items():
-            values = np.array(values) + offset
-            cell = cells[method][[DEIT, MIXER].index(pair)]
-            if len(values) == 1:
-                assert cell == f"{values[0]:.2f} (n=1)"
-            else:
-                assert cell == f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
-        assert cells["scratch"][1] == "-" and cells["kd"][0] == "-"
-    assert "CPU: CPU A." in text and "Dates: 2026-11-20 to 2026-11-22." in text
+PLAN = study.Plan(students=("a", "b"), methods=("scratch", "kd"), pilot_subsets=(1000, 500), pilot_seeds=(0, 1),
+                  pilot_levels=3, plateau_gain=0.3, step_cap=400, tuning=study.TUNING, tuning_student="b",
+                  tuning_seeds=(0,), grid_seeds=(0, 1, 2))
 
 
-def test_readme_table_is_the_committed_results():
-    """The README's study table quotes results/fidelity/results.csv: recomputed here with statistics' own mean and
-    sample std from the raw rows, every cell must match to the printed two decimals, 3 seeds each."""
-    import os
-    import statistics
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(repo, "results", "fidelity", "results.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
-    readme = open(os.path.join(repo, "README.md")).read()
-    table = readme[readme.index("| method | ConvNeXt -> DeiT"):].split("\n\n")[0].splitlines()[2:]
-    pairs = (DEIT, MIXER)
-    assert [line.split("|")[1].strip().lower() for line in table] == ["scratch", "kd", "dkd", "ofa", "rsd"]
-    for line in table:
-        method = line.split("|")[1].strip().lower()
-        for pair, cell in zip(pairs, line.split("|")[2:4]):
-            mean, std = (float(x) for x in re.findall(r"\d+\.\d+", cell))
-            seeds = [float(r["last_top1"]) for r in rows if r["method"] == method and r["pair"] == pair]
-            assert len(seeds) == 3, (method, pair)
-            assert (mean, std) == (round(statistics.mean(seeds), 2), round(statistics.stdev(seeds), 2)), (method, pair)
+def test_pilot_takes_the_first_level_whose_doubling_gains_under_the_threshold():
+    """1000 images at batch 50: 20 steps an epoch, 20 epochs within the 400-step cap: E = 5, 10, 20. Top-1 grows
+    by 1 point an epoch up to 12 epochs, then stays: 5 -> 10 gains 5, 10 -> 20 gains 2, 20 -> 40 gains 0."""
+    progress = FakeProgress(PLAN, lambda run: 50.0 + min(run.epochs, 12))
+    assert study.pilot_phase(progress) == {"train_subset": 1000, "epochs": 20, "plateaued": True}
+    levels = progress.pilot["levels"]
+    assert [(lv["epochs"], lv["check_epochs"], lv["steps"], lv["plateau"]) for lv in levels] == [
+        (5, 10, 100, False), (10, 20, 200, False), (20, 40, 400, True)]
+    assert levels[1]["gain"] == {"teacher-a": 2.0, "teacher-b": 2.0}
+    assert {r.seed for _, r in progress.asked} == {0, 1} and {r.method for _, r in progress.asked} == {"scratch"}
+
+
+def test_pilot_needs_every_student_and_the_mean_of_the_seeds():
+    """Student a plateaus at once; b gains 0.5 on seed 0 and 0 on seed 1 (mean 0.25 < 0.3) only from E = 10."""
+    def val(run):
+        if run.student == "a":
+            return 70.0
+        return 60.0 + (min(run.epochs, 10) if run.seed == 1 else min(run.epochs, 10.5))
+    progress = FakeProgress(PLAN, val)
+    assert study.pilot_phase(progress) == {"train_subset": 1000, "epochs": 10, "plateaued": True}
+    assert progress.pilot["levels"][-1]["gain"] == {"teacher-a": 0.0, "teacher-b": 0.25}
+
+
+def test_pilot_shrinks_the_subset_then_proceeds_unplateaued():
+    """Never plateaus: both sizes are tried (500 images: 10 steps an epoch, E = 10, 20, 40); the choice is the last
+    size's largest E, recorded as not plateaued."""
+    progress = FakeProgress(PLAN, lambda run: run.epochs / 10)
+    assert study.pilot_phase(progress) == {"train_subset": 500, "epochs": 40, "plateaued": False}
+    assert [(lv["train_subset"], lv["epochs"]) for lv in progress.pilot["levels"]] == [
+        (1000, 5), (1000, 10), (1000, 20), (500, 10), (500, 20), (500, 40)]
+
+
+def test_tuning_keeps_the_default_on_a_tie_and_takes_a_better_alternative():
+    """scratch's lr 2e-3 scores higher; KD at T = 4 ties with T = 1, so T stays 1; the grid uses the choices."""
+    def val(run):
+        return 80.0 if run.setting == (("lr", 2e-3),) else 70.0
+    progress = FakeProgress(PLAN, val)
+    schedule = {"train_subset": 1000, "epochs": 10}
+    chosen = study.tuning_phase(progress, schedule)
+    assert chosen == {"scratch": (("lr", 2e-3),), "kd": (("kd_temperature", 1.0),)}
+    assert progress.tuning["methods"]["kd"] == {"flag": "--kd-temperature", "default": 1.0, "alternative": 4.0,
+                                                "val_top1": {"default": 70.0, "alternative": 70.0}, "chosen": 1.0}
+    assert {r.student for _, r in progress.asked} == {"b"}
+    grid = study.grid_phase(progress, schedule, chosen)
+    assert len(grid) == 2 * 2 * 3 and {r.setting for r in grid if r.method == "kd"} == {(("kd_temperature", 1.0),)}
+    assert [r.seed for r in grid[:4]] == [0] * 4  # seed-major: an early stop leaves whole seeds
+
+
+def test_paired_statistics_equal_scipy_and_a_hand_holm():
+    a = {0: 75.1, 1: 74.2, 2: 76.0, 3: 75.5, 4: 74.9}
+    b = {0: 73.0, 1: 73.9, 2: 74.1, 3: 73.2, 4: 74.0, 5: 99.0}  # seed 5 has no partner: left out
+    d = np.array([a[s] - b[s] for s in range(5)])
+    result = study_stats.paired_difference(a, b)
+    half = scipy_stats.t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5)
+    assert result["n"] == 5 and result["mean"] == pytest.approx(d.mean(), abs=1e-12)
+    assert (result["low"], result["high"]) == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-12)
+    assert result["p"] == pytest.approx(scipy_stats.ttest_rel([a[s] for s in range(5)],
+                                                              [b[s] for s in range(5)]).pvalue, rel=1e-12)
+    # Holm by hand: sorted 0.01, 0.02, 0.04, 0.30 -> x4, x3, x2, x1 = 0.04, 0.06, 0.08, 0.30 (monotone already);
+    # a larger raw p never gets a smaller adjusted one
+    assert study_stats.holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
+    assert study_stats.holm([0.01, 0.011, 0.5]) == pytest.approx([0.03, 0.03, 0.5])  # 0.011 x 2 lifted to 0.03
+    assert study_stats.holm([0.2, float("nan")])[0] == 0.2 and np.isnan(study_stats.holm([0.2, float("nan")])[1])
 
 
 @pytest.mark.slow
@@ -244,10 +291,10 @@ def test_the_mixup_pairing_study_tabulates_both_pairings(tmp_path):
     """tools/mixup_pairing_study.py --tiny: one run per pairing through the study's runner, one row each."""
     from tools.mixup_pairing_study import main as pairing_main
     rows = pairing_main(["--tiny", "--out", str(tmp_path)])
-    assert sorted(r["method"] for r in rows) == ["batch", "sample"]
+    assert sorted(r["pairing"] for r in rows) == ["batch", "sample"]
     with open(tmp_path / "results.csv", newline="") as f:
         assert [r["pairing"] for r in csv.DictReader(f)] == ["batch", "sample"]
-    args = yaml.safe_load((tmp_path / "sample" / "convnext_demo_32-deit_demo_32" / "rsd" / "seed0" / "args.yaml")
-                          .read_text())
+    [args_path] = (tmp_path / "sample").glob("runs/convnext_demo_32-deit_demo_32/rsd/default/*/seed0/args.yaml")
+    args = yaml.safe_load(args_path.read_text())
     assert (args["mixup_pairing"], args["mixup"], args["cutmix"]) == ("sample", 0.8, 1.0)
     assert "| sample |" in (tmp_path / "table.md").read_text()

@@ -30,6 +30,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import statistics
 import time
 from dataclasses import dataclass
@@ -313,10 +314,17 @@ def study_settings(opts):
     return config, parser, values, out, teacher, checkpoint
 
 
+def stop_on_sigterm(signum, frame):
+    """A SIGTERM (a scheduler's, `kill`) stops the study as Ctrl-C does: its jobs are stopped, each resumes at the
+    next start."""
+    raise KeyboardInterrupt
+
+
 @exit_cleanly_on_error
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     torch.set_num_threads(1)  # the study's own work (test scoring, CKA) runs beside its jobs, one thread each
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     config, parser, values, out, teacher, teacher_checkpoint = study_settings(opts)
     plan = TINY_PLAN if opts.tiny else FULL_PLAN
     if opts.tiny:

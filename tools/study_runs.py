@@ -95,10 +95,11 @@ class Study:
     cache_student: str  # the student whose input spec the caches' views are made for
     data_args: list  # validate.py's dataset flags for the test set
     extra: list = field(default_factory=list)  # appended to every train.py / build_cache.py command (--tiny)
+    cached_methods: tuple = CACHED_METHODS  # () for runs a cache cannot serve (batch-paired mixup)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def cache_for(self, run):
-        return CacheSpec(run.train_subset, run.epochs, run.seed) if run.method in CACHED_METHODS else None
+        return CacheSpec(run.train_subset, run.epochs, run.seed) if run.method in self.cached_methods else None
 
     def schedule_args(self, spec):
         return ["--train-subset", str(spec.train_subset), "--epochs", str(spec.epochs), "--seed", str(spec.seed)]
@@ -215,7 +216,11 @@ def execute_job(study, job):
     if not is_trained(folder):
         wall = run_logged(study, study.train_command(job), folder, "train_output.txt")
     scores = {}
+    val = [float(row["eval_top1"]) for row in epoch_rows(folder)]
     for which, argv in study.test_commands(job).items():
+        if which == "best" and val.index(max(val)) == len(val) - 1:  # best.pth.tar is the last epoch's
+            scores[which] = scores["last"]
+            continue
         validate_main(argv)  # prints its one JSON line
         with open(os.path.join(folder, f"test_{which}.json")) as f:
             scores[which] = json.load(f)
