@@ -3,8 +3,13 @@ the tuning's decisions, the statistics, the README's figures; the Mixer student;
 import csv
 import datetime
 import json
+import os
 import re
 import resource
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -121,6 +126,36 @@ def test_second_invocation_skips_finished_runs(tiny_study, random_demo_teacher):
     assert len(stamps) == 9 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / "results.csv").read_text() == results
     assert len(json.loads((out / "wall.json").read_text())["invocations"]) == 2
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_study_and_its_runs_and_the_same_command_resumes(tiny_study, random_demo_teacher,
+                                                                            tmp_path):
+    """A real SIGTERM to the study while its first pilot runs train: it exits 75 within seconds, no train.py of
+    it is left, and the same command then finishes the pilot with the figures of the uninterrupted study."""
+    out, first, _ = tiny_study
+    assert first.returncode == 0, first.stderr[-3000:]
+    command = [sys.executable, os.path.join(study.REPO, "tools", "fidelity_study.py"), "--tiny", "--out",
+               str(tmp_path), "--teacher-checkpoint", random_demo_teacher, "--until", "pilot"]
+    env = dict(os.environ, PYTHONPATH=study.REPO, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=study.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/*/*/*/seed0/summary.csv")) and time.time() < deadline:
+        time.sleep(0.2)  # an epoch of a run is on disk: the run is past its start-up
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 75 and "run the same command again" in err, err[-2000:]
+    left = [p for p in os.listdir("/proc") if p.isdigit() and str(tmp_path) in open(f"/proc/{p}/cmdline").read()]
+    assert not left
+    assert not (tmp_path / "pilot.json").exists() or not json.loads((tmp_path / "pilot.json").read_text())["levels"]
+    again = subprocess.run(command, cwd=study.REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resum" in "".join(p.read_text() for p in tmp_path.glob("runs/*/*/*/*/seed0/log.txt")).lower()
+    figures = ("pair", "hyperparameters", "epochs", "steps", "val_top1_last", "val_top1_best", "test_top1_last")
+    resumed = [{k: r[k] for k in figures} for r in read_csv(tmp_path / "results.csv")]
+    whole = [{k: r[k] for k in figures} for r in read_csv(out / "results.csv") if "pilot" in r["roles"].split()]
+    assert sorted(resumed, key=str) == sorted(whole, key=str) and len(resumed) == 4
 
 
 @pytest.mark.slow

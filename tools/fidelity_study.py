@@ -32,6 +32,7 @@ import math
 import os
 import signal
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ from engine.config import load_config
 from engine.loop import format_seconds
 from engine.train_args import build_train_parser
 from engine.weights import read_checkpoint
-from kdcore.errors import UserError, exit_cleanly_on_error
+from kdcore.errors import EXIT_PREEMPTED, UserError, exit_cleanly_on_error
 from kdcore.io import atomic_write_csv, atomic_write_json
 from kdcore.machine import cpu_model_name
 from tools.cka import main as cka_main
@@ -320,8 +321,18 @@ def stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-@exit_cleanly_on_error
 def main(argv=None):
+    """The study; stopped by Ctrl-C or SIGTERM, it stops its jobs and exits 75 (the same command resumes)."""
+    try:
+        return run_study(argv)
+    except KeyboardInterrupt:
+        print("stopped: so were its runs in progress (each resumes from its last checkpoint); run the same command "
+              "again to go on", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
+
+
+@exit_cleanly_on_error
+def run_study(argv):
     opts = build_parser().parse_args(argv)
     torch.set_num_threads(1)  # the study's own work (test scoring, CKA) runs beside its jobs, one thread each
     signal.signal(signal.SIGTERM, stop_on_sigterm)

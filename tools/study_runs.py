@@ -184,14 +184,17 @@ def run_logged(study, command, folder, log_name):
     with open(log_path, "a") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=single_thread_env())
         try:
+            beat = time.time()
             while True:
                 try:
-                    code = process.wait(timeout=HEARTBEAT_S)
+                    code = process.wait(timeout=1)
                     break
                 except subprocess.TimeoutExpired:
-                    write_marker(folder, dict(marker, wall_s=before + time.time() - start))
                     if study.stop.is_set():
-                        raise KeyboardInterrupt
+                        raise KeyboardInterrupt from None
+                    if time.time() - beat >= HEARTBEAT_S:
+                        write_marker(folder, dict(marker, wall_s=before + time.time() - start))
+                        beat = time.time()
         except BaseException:  # Ctrl-C, a kill of the study or another job's failure: the next start resumes
             process.terminate()
             process.wait()
