@@ -3,6 +3,7 @@ the tuning's decisions, the statistics, the README's figures; the Mixer student;
 import csv
 import datetime
 import json
+import math
 import os
 import re
 import resource
@@ -279,13 +280,19 @@ def test_pilot_needs_every_student_and_the_mean_of_the_seeds():
     assert progress.pilot["levels"][-1]["gain"] == {"teacher-a": 0.0, "teacher-b": 0.25}
 
 
-def test_pilot_shrinks_the_subset_then_proceeds_unplateaued():
-    """Never plateaus: both sizes are tried (500 images: 10 steps an epoch, E = 10, 20, 40); the choice is the last
-    size's largest E, recorded as not plateaued."""
-    progress = FakeProgress(PLAN, lambda run: run.epochs / 10)
-    assert study.pilot_phase(progress) == {"train_subset": 500, "epochs": 40, "plateaued": False}
+def test_pilot_shrinks_the_subset_then_proceeds_unplateaued_where_it_came_closest():
+    """Never plateaus: both sizes are tried (500 images: 10 steps an epoch, E = 10, 20, 40). Top-1 grows by
+    log2 of the steps, twice as fast with 500 images: each size's largest E gains 1 (1000) and 2 (500) points, so
+    the choice is 1000 images at 20 epochs, recorded as not plateaued; with the rates swapped, 500 at 40."""
+    def val(rate_1000, rate_500):
+        return lambda run: (rate_1000 if run.train_subset == 1000 else rate_500) * math.log2(
+            run.epochs * run.train_subset)
+    progress = FakeProgress(PLAN, val(1.0, 2.0))
+    assert study.pilot_phase(progress) == {"train_subset": 1000, "epochs": 20, "plateaued": False}
     assert [(lv["train_subset"], lv["epochs"]) for lv in progress.pilot["levels"]] == [
         (1000, 5), (1000, 10), (1000, 20), (500, 10), (500, 20), (500, 40)]
+    assert study.pilot_phase(FakeProgress(PLAN, val(2.0, 1.0))) == {"train_subset": 500, "epochs": 40,
+                                                                    "plateaued": False}
 
 
 def test_tuning_keeps_the_default_on_a_tie_and_takes_a_better_alternative():

@@ -16,7 +16,8 @@ last epoch, and the checkpoint its validation top-1 selected.
    (4 base: the most epochs within the step cap). Scratch has plateaued at E when its 2E run gains less than the
    plan's plateau gain (0.3 points of validation top-1, the mean over seeds) on every student. The first E that
    plateaus, on the first training-subset size where one does, sets every later run's subset and epochs; when
-   none does, the largest E of the last size, recorded as not plateaued.
+   none does, the size whose largest E came closest (the smallest gain of its worst student), recorded as not
+   plateaued.
 2. Tuning: each method at its default and one alternative value, on the tuning student's pair and seeds; the
    higher validation top-1 wins (a tie keeps the default), then is fixed for every pair and seed.
 3. Grid: every method at its chosen value on every pair, for the grid seeds (initialisation and augmentation).
@@ -242,8 +243,10 @@ def pilot_phase(progress):
             if plateau:
                 record["choice"] = {"train_subset": size, "epochs": epochs, "plateaued": True}
                 return record["choice"]
-    last = levels[-1]
-    record["choice"] = {"train_subset": last["train_subset"], "epochs": last["epochs"], "plateaued": False}
+    tops = [max((lv for lv in levels if lv["train_subset"] == size), key=lambda lv: lv["epochs"])
+            for size in plan.pilot_subsets]
+    closest = min(tops, key=lambda lv: max(lv["gain"].values()))  # the first size's on a tie
+    record["choice"] = {"train_subset": closest["train_subset"], "epochs": closest["epochs"], "plateaued": False}
     return record["choice"]
 
 
