@@ -130,6 +130,23 @@ def test_second_invocation_skips_finished_runs(tiny_study, random_demo_teacher):
 
 
 @pytest.mark.slow
+def test_results_csv_alone_carries_the_study_to_another_sitting(tiny_study, random_demo_teacher, tmp_path):
+    """On a machine without the run folders, the committed results.csv is the ledger: nothing trains again, the
+    decisions and every row come out the same, and the CKA maps are skipped for want of checkpoints."""
+    out, first, _ = tiny_study
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "results.csv").write_text((out / "results.csv").read_text())
+    again = run_cli("tools/fidelity_study.py", "--tiny", "--out", tmp_path, "--teacher-checkpoint",
+                    random_demo_teacher)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "starting" not in again.stdout and not (tmp_path / "runs").exists()
+    assert "CKA maps of convnext_demo_32-deit_demo_32 skipped" in again.stdout
+    assert read_csv(tmp_path / "results.csv") == read_csv(out / "results.csv")
+    for record in ("pilot.json", "tuning.json"):
+        assert json.loads((tmp_path / record).read_text()) == json.loads((out / record).read_text())
+
+
+@pytest.mark.slow
 def test_sigterm_stops_the_study_and_its_runs_and_the_same_command_resumes(tiny_study, random_demo_teacher,
                                                                             tmp_path):
     """A real SIGTERM to the study while its first pilot runs train: it exits 75 within seconds, no train.py of

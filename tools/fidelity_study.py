@@ -27,6 +27,7 @@ run), pilot.json, tuning.json, table.md (cells, paired differences with Holm-cor
 beside the paper's) and, at the end, the CKA maps of seed 0 (tools/cka.py).
 """
 import argparse
+import csv
 import datetime
 import json
 import math
@@ -57,8 +58,10 @@ from tools.study_runs import (
     RunSpec,
     Study,
     epoch_rows,
+    has_run_folder,
     is_done,
     read_marker,
+    row_key,
     run_jobs,
     setting_text,
 )
@@ -156,11 +159,21 @@ class Progress:
         return all(is_done(self.study, run) for run in runs)
 
     def val_last(self, run):
-        return float(epoch_rows(run.folder(self.study.out))[-1]["eval_top1"])
+        if has_run_folder(self.study, run):
+            return float(epoch_rows(run.folder(self.study.out))[-1]["eval_top1"])
+        return float(self.study.ledger[run.key()]["val_top1_last"])
 
     def rows(self):
-        return [result_row(self.study, run, roles, self.holdout) for run, roles in self.roles.values()
-                if is_done(self.study, run)]
+        """A row per run finished here or in the ledger: the ledger's rows kept, those of this invocation's runs
+        with their roles now."""
+        rows = dict(self.study.ledger)
+        for run, roles in self.roles.values():
+            if has_run_folder(self.study, run):
+                rows[run.key()] = result_row(self.study, run, roles, self.holdout)
+            elif run.key() in rows:
+                earlier = set(rows[run.key()]["roles"].split())
+                rows[run.key()] = dict(rows[run.key()], roles=" ".join(sorted(earlier | roles, key=PHASES.index)))
+        return list(rows.values())
 
     def log_wall(self):
         """wall.json: the wall time of every invocation that trained, this one's kept current."""
@@ -178,13 +191,21 @@ class Progress:
         if self.train:
             self.log_wall()
         rows = sorted(self.rows(), key=lambda r: (r["pair"], list(METHODS).index(r["method"]), r["hyperparameters"],
-                                                  r["epochs"], r["seed"]))
+                                                  int(r["train_subset"]), int(r["epochs"]), int(r["seed"])))
         atomic_write_csv(rows, os.path.join(out, "results.csv"), RESULT_COLUMNS)
         if self.pilot is not None:
             atomic_write_json(self.pilot, os.path.join(out, "pilot.json"))
         if self.tuning is not None:
             atomic_write_json(self.tuning, os.path.join(out, "tuning.json"))
         write_report(rows, self.pilot, self.tuning, out)
+
+
+def read_ledger(path):
+    """{run key: row} of a results.csv (a finished run's record, enough to skip it and to decide on it)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        return {row_key(row): row for row in csv.DictReader(f)}
 
 
 def result_row(study, run, roles, holdout):
@@ -290,7 +311,10 @@ def cka_maps(progress, grid_runs, teacher_checkpoint, images):
     seed = progress.plan.grid_seeds[0]
     for student in progress.plan.students:
         found = [r for r in grid_runs if r.student == student and r.seed == seed and r.method in CKA_METHODS]
-        if not found:
+        missing = [r.label() for r in found if not has_run_folder(progress.study, r)]
+        if not found or missing:  # finished in another sitting, elsewhere: its checkpoint is not here
+            print(f"CKA maps of {progress.pair(student)} skipped: no checkpoint here of {'; '.join(missing)}",
+                  flush=True)
             continue
         out = progress.study.out
         pair = progress.pair(student)
@@ -355,7 +379,7 @@ def run_study(argv):
     data_args = TINY_DATA_ARGS if opts.tiny else ["--dataset", values["dataset"]] + (
         [values["data_dir"]] if values.get("data_dir") else [])
     study = Study(config, out, teacher_checkpoint, cache_student=plan.students[0], data_args=data_args,
-                  extra=TINY_TRAIN_ARGS if opts.tiny else [])
+                  extra=TINY_TRAIN_ARGS if opts.tiny else [], ledger=read_ledger(os.path.join(out, "results.csv")))
     progress = Progress(study, plan, teacher, values, parser, opts.jobs, train=not opts.aggregate_only)
     start = time.time()
     schedule = pilot_phase(progress)

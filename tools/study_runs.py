@@ -63,6 +63,15 @@ class RunSpec:
         return (f"{self.pair} {self.method} {setting_text(self.setting)} n={self.train_subset} e={self.epochs} "
                 f"seed {self.seed}")
 
+    def key(self):
+        """What names the run in a results row (results.csv's columns of the same names, as text)."""
+        return (self.pair, self.method, setting_text(self.setting), str(self.train_subset), str(self.epochs),
+                str(self.seed))
+
+
+def row_key(row):
+    return tuple(str(row[c]) for c in ("pair", "method", "hyperparameters", "train_subset", "epochs", "seed"))
+
 
 @dataclass(frozen=True)
 class CacheSpec:
@@ -96,6 +105,7 @@ class Study:
     data_args: list  # validate.py's dataset flags for the test set
     extra: list = field(default_factory=list)  # appended to every train.py / build_cache.py command (--tiny)
     cached_methods: tuple = CACHED_METHODS  # () for runs a cache cannot serve (batch-paired mixup)
+    ledger: dict = field(default_factory=dict)  # run key -> results row of runs finished in an earlier sitting
     stop: threading.Event = field(default_factory=threading.Event)
 
     def cache_for(self, run):
@@ -160,9 +170,15 @@ def is_trained(folder):
 
 
 def is_done(study, job):
-    folder = job.folder(study.out)
+    """A cache that is built; a run trained and scored here, or recorded in the ledger (results.csv of an earlier
+    sitting, whose run folders may live on another machine)."""
     if isinstance(job, CacheSpec):
-        return os.path.isfile(os.path.join(folder, "meta.json"))
+        return os.path.isfile(os.path.join(job.folder(study.out), "meta.json"))
+    return has_run_folder(study, job) or job.key() in study.ledger
+
+
+def has_run_folder(study, run):
+    folder = run.folder(study.out)
     return is_trained(folder) and os.path.isfile(os.path.join(folder, TEST_SCORES))
 
 
