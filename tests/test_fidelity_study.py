@@ -25,12 +25,14 @@ from distillers import DISTILLERS
 from engine.config import parse_args_with_config
 from engine.datasets import build_dataset
 from engine.datasets.synthetic import make_synthetic
+from engine.loop import format_seconds
 from engine.run import build_run
 from engine.train_args import build_train_parser
 from kdcore.errors import UserError
 from kdcore.features import FeatureRequest, extract_features
 from tools import fidelity_study as study
 from tools import study_stats
+from tools.study_report import write_table
 
 TINY_BUDGET_S = 120  # the issue's limit for the tiny mode in the test suite
 DEIT, MIXER = "convnext_demo_32-deit_demo_32", "convnext_demo_32-mixer_demo_32"
@@ -343,6 +345,38 @@ def test_paired_statistics_equal_scipy_and_a_hand_holm():
     assert study_stats.holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
     assert study_stats.holm([0.01, 0.011, 0.5]) == pytest.approx([0.03, 0.03, 0.5])  # 0.011 x 2 lifted to 0.03
     assert study_stats.holm([0.2, float("nan")])[0] == 0.2 and np.isnan(study_stats.holm([0.2, float("nan")])[1])
+
+
+def fidelity_section():
+    readme = open(os.path.join(study.REPO, "README.md")).read()
+    start = readme.index("### Fidelity study")
+    return readme[start:readme.index("\n## ", start)]
+
+
+def test_readme_figures_are_the_committed_results(tmp_path):
+    """The README's fidelity section quotes results/fidelity: each of its table rows is a row of the table
+    regenerated here from the committed results.csv, pilot.json and tuning.json; each decimal figure of its prose
+    is in that table; the study's wall time is wall.json's; grid cells agree with numpy on the raw rows."""
+    results = os.path.join(study.REPO, "results", "fidelity")
+    rows = read_csv(os.path.join(results, "results.csv"))
+    records = {name: json.loads(open(os.path.join(results, f"{name}.json")).read()) for name in ("pilot", "tuning")}
+    write_table(rows, records["pilot"], records["tuning"], tmp_path / "table.md")
+    table = (tmp_path / "table.md").read_text()
+    assert table == open(os.path.join(results, "table.md")).read()
+    section = fidelity_section()
+    quoted = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method |")]
+    assert quoted and all(line in table.splitlines() for line in quoted), [q for q in quoted if q not in table]
+    prose = "\n".join(line for line in section.splitlines() if not line.startswith("|"))
+    prose = re.sub(r"`[^`]*`|\([^()]*\.(?:csv|json|md|png|py|yaml)\)", "", prose)  # code and file names
+    for figure in re.findall(r"(?<![\w.])[+-]?\d+\.\d+(?![\w.])", prose):
+        assert figure in table, f"the README's fidelity section quotes {figure}, which the results do not give"
+    wall = json.loads(open(os.path.join(results, "wall.json")).read())
+    assert f"{format_seconds(wall['total_s'])} of the tool's wall-clock time" in prose
+    grid = [r for r in rows if "grid" in r["roles"].split()]
+    for (pair, method) in {(r["pair"], r["method"]) for r in grid}:
+        values = np.array([float(r["test_top1_last"]) for r in grid if (r["pair"], r["method"]) == (pair, method)])
+        if len(values) > 1:
+            assert f"| {method} |" in table and f"{values.mean():.2f} ± {values.std(ddof=1):.2f}" in table
 
 
 @pytest.mark.slow

@@ -119,6 +119,7 @@ def test_the_last_batch_is_padded_never_a_single_sample():
     (["--teacher-precision", "bf16"], "teacher.precision"),
     (["--scale", "0.5", "1.0"], "views.scale"),
     (["--synthetic-seed", "1"], "another training set"),
+    (["--holdout", "8"], "another training set"),  # the held-out images leave another training set
 ])
 def test_a_fingerprint_difference_is_refused_naming_the_field(tmp_path, fp32_cache, flags, field):
     with pytest.raises(UserError, match=re.escape(field)):
