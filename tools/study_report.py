@@ -11,7 +11,7 @@ from kdcore.io import atomic_write, atomic_write_text
 from tools.study_runs import METHODS
 from tools.study_stats import cell, comparisons
 
-# The paper's CIFAR-100 Table 1 rows that our pairs stand for (REFERENCE.md section 2), by our student.
+# The paper's CIFAR-100 Table 1 rows that our pairs stand for, by our student.
 PAPER_ROWS = {
     "deit_demo_32": ("ConvNeXt-T -> DeiT-T",
                      {"scratch": 68.00, "kd": 72.99, "dkd": 74.60, "ofa": 75.76, "rsd": 82.46}),
