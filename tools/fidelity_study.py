@@ -100,8 +100,10 @@ FULL_PLAN = Plan(students=("deit_demo_32", "mixer_demo_32"), methods=("scratch",
 TINY_PLAN = Plan(students=("deit_demo_32", "mixer_demo_32"), methods=("scratch", "rsd"), pilot_subsets=(64,),
                  pilot_seeds=(0,), pilot_levels=1, plateau_gain=math.inf, step_cap=8, tuning=TUNING,
                  tuning_student="mixer_demo_32", tuning_seeds=(0,), grid_seeds=(0,))
+TINY_BATCH, TINY_HOLDOUT = 16, 32
 TINY_TRAIN_ARGS = ["--dataset", "synthetic", "--synthetic-train-size", "128", "--synthetic-val-size", "32",
-                   "--holdout", "32", "-b", "16", "--workers", "0", "--log-interval", "1", "--warmup-epochs", "0"]
+                   "--holdout", str(TINY_HOLDOUT), "-b", str(TINY_BATCH), "--workers", "0", "--log-interval", "1",
+                   "--warmup-epochs", "0"]
 TINY_DATA_ARGS = ["--dataset", "synthetic"]
 TINY_CKA_IMAGES = 16
 
@@ -137,6 +139,7 @@ class Progress:
         self.batch, self.holdout = values["batch_size"], values.get("holdout")
         self.defaults = {m: (dest, default_value(values, parser, dest)) for m, (dest, _) in plan.tuning.items()}
         self.roles, self.pilot, self.tuning = {}, None, None
+        self.finished = {}  # run key -> its row without roles: a finished run's figures never change
         self.started = time.time()
         self.invocation = {"start": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model_name()}
 
@@ -168,8 +171,10 @@ class Progress:
         with their roles now."""
         rows = dict(self.study.ledger)
         for run, roles in self.roles.values():
-            if has_run_folder(self.study, run):
-                rows[run.key()] = result_row(self.study, run, roles, self.holdout)
+            if run.key() in self.finished or has_run_folder(self.study, run):
+                if run.key() not in self.finished:
+                    self.finished[run.key()] = result_row(self.study, run, self.holdout)
+                rows[run.key()] = dict(self.finished[run.key()], roles=" ".join(sorted(roles, key=PHASES.index)))
             elif run.key() in rows:
                 earlier = set(rows[run.key()]["roles"].split())
                 rows[run.key()] = dict(rows[run.key()], roles=" ".join(sorted(earlier | roles, key=PHASES.index)))
@@ -208,7 +213,7 @@ def read_ledger(path):
         return {row_key(row): row for row in csv.DictReader(f)}
 
 
-def result_row(study, run, roles, holdout):
+def result_row(study, run, holdout):
     folder = run.folder(study.out)
     epochs = epoch_rows(folder)
     val = [float(row["eval_top1"]) for row in epochs]
@@ -221,7 +226,7 @@ def result_row(study, run, roles, holdout):
             "val_top1_last": val[-1], "val_top1_best": max(val), "best_epoch": val.index(max(val)),
             "test_top1_last": test["last"][0]["top1"], "test_top1_selected": test["best"][0]["top1"],
             "wall_s": round(marker.get("wall_s", math.nan), 1), "cpu": marker.get("cpu", ""),
-            "date": marker.get("date", ""), "roles": " ".join(sorted(roles, key=PHASES.index))}
+            "date": marker.get("date", "")}
 
 
 PHASES = ("pilot", "tuning", "grid")
@@ -366,7 +371,7 @@ def run_study(argv):
     config, parser, values, out, teacher, teacher_checkpoint = study_settings(opts)
     plan = TINY_PLAN if opts.tiny else FULL_PLAN
     if opts.tiny:
-        values = dict(values, batch_size=16, holdout=32)
+        values = dict(values, batch_size=TINY_BATCH, holdout=TINY_HOLDOUT)
     unknown = [s for s in plan.students if not timm.is_model(s)]
     if unknown:
         raise UserError(f"students {' '.join(unknown)}: not a timm or custom_model name")

@@ -18,8 +18,8 @@ import yaml
 
 from kdcore.errors import exit_cleanly_on_error
 from kdcore.io import atomic_write_csv, atomic_write_text
+from tools.study_report import format_cell
 from tools.study_runs import REPO, RunSpec, Study, epoch_rows, is_done, read_marker, run_jobs
-from tools.study_stats import cell
 
 CONFIG = os.path.join(REPO, "configs", "demo", "rsd.yaml")
 TEACHER, STUDENT = "convnext_demo_32", "deit_demo_32"
@@ -48,11 +48,6 @@ def result_row(study, pairing, run):
     return {"pairing": pairing, "pair": run.pair, "seed": run.seed, "best_top1": max(top1), "last_top1": top1[-1],
             "wall_s": round(marker["wall_s"], 1) if "wall_s" in marker else "", "cpu": marker.get("cpu", ""),
             "date": marker.get("date", "")}
-
-
-def format_cell(values):
-    mean, std, n = cell(values)
-    return f"{mean:.2f} ± {std:.2f} (n={n})" if n > 1 else f"{mean:.2f} (n=1)"
 
 
 def write_outputs(out, rows):
