@@ -11,7 +11,10 @@ Rows are the teacher's layers, columns the student's; each cell is minibatch lin
 unbiased HSIC averaged over minibatches, features flattened per image) over `--images` validation images, a
 fixed class-balanced choice. `--layers blocks` (default) takes every output of timm's forward_intermediates()
 (each block of a ViT or Mixer; each stage of a ConvNeXt, which timm reports per stage), `--layers stages` the
-paper's stages 1-4 from the stage table; the pooled embedding and the logits follow as the last two layers.
+paper's stages 1-4 from the stage table; the pooled embedding and the logits follow as the last two layers. An RSD
+run's checkpoint also keeps its AAD (the decoupler trained beside the student, discarded for inference): its output
+on the student's embedding follows as the column "AAD(embedding)", the representation RSD's loss compared with the
+teacher's embedding.
 Every model sees the same batches, normalised as the student's checkpoint records (the study's teacher and
 students share their input statistics). The data and the student's architecture default to those its
 training checkpoint records; plain state dicts need --student and, for data other than Fashion-MNIST,
@@ -26,6 +29,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
 from custom_forward import family_for, stage_features
+from distillers.rsd import ArchitectureAgnosticDecoupler
 from engine.datasets import ClassBalancedSubset, build_dataset
 from engine.loader import build_eval_transform, resolve_data_settings, worker_processes
 from engine.models import create_model
@@ -73,8 +77,23 @@ def fill_data_args(args, recorded):
     args.dataset = args.dataset or "fashion_mnist"
 
 
+AAD_LAYER = "AAD(embedding)"
+
+
+def trained_decoupler(checkpoint):
+    """The AAD an RSD run's checkpoint keeps beside its student (`distiller_extra`, eval mode), else None."""
+    extra = checkpoint.get("distiller_extra") if isinstance(checkpoint, dict) else None
+    if not isinstance(extra, dict) or "aad.0.weight" not in extra:
+        return None
+    state = {k[len("aad."):]: v for k, v in extra.items() if k.startswith("aad.")}
+    hidden, in_dim = state["0.weight"].shape
+    aad = ArchitectureAgnosticDecoupler(in_dim, state["3.weight"].shape[0], gamma=hidden / in_dim)
+    aad.load_state_dict(state, strict=True)
+    return aad.eval()
+
+
 def load_students(args, checkpoints, num_classes):
-    """[(label, model name, model)] of the student checkpoints (already read: `checkpoints`), in order."""
+    """[(label, model name, model, AAD or None)] of the student checkpoints (already read: `checkpoints`)."""
     paths = args.student_checkpoint
     if len(args.student) not in (0, 1, len(paths)):
         raise UserError(f"--student takes one model name for all {len(paths)} checkpoints or one each, "
@@ -91,12 +110,13 @@ def load_students(args, checkpoints, num_classes):
             raise UserError(f"{path!r} does not record its architecture; pass --student NAME")
         model = create_model(name, num_classes=recorded.get("num_classes") or num_classes, img_size=args.img_size)
         load_weights(model, path, name, role="student", checkpoint=checkpoint)
-        students.append((label, name, model.eval()))
+        students.append((label, name, model.eval(), trained_decoupler(checkpoint)))
     return students
 
 
-def layer_outputs(model, x, layers):
-    """[(layer name, features)] of one batch: the model's blocks or paper stages, its embedding, its logits."""
+def layer_outputs(model, x, layers, aad=None):
+    """[(layer name, features)] of one batch: the model's blocks or paper stages, its embedding, its logits, and
+    the AAD's output on the embedding when `aad` is given."""
     if layers == "stages":
         final, stages = stage_features(model, x, PAPER_STAGES)
         named = [(f"stage {s}", t) for s, t in stages.items()]
@@ -107,7 +127,8 @@ def layer_outputs(model, x, layers):
         final, outs = family_for(model).run(model, x, list(range(len(info))))
         named = [(entry["module"], t) for entry, t in zip(info, outs)]
     embedding = model.forward_head(final, pre_logits=True)
-    return named + [("embedding", embedding), ("logits", model.forward_head(final))]
+    named += [("embedding", embedding), ("logits", model.forward_head(final))]
+    return named + [(AAD_LAYER, aad(embedding))] if aad is not None else named
 
 
 def validation_batches(args, dataset, model):
@@ -148,7 +169,7 @@ def compute(args):
     with torch.inference_mode():
         for images, _ in validation_batches(args, dataset, students[0][2]):
             teacher_named = layer_outputs(teacher, images, args.layers)
-            student_named = [layer_outputs(model, images, args.layers) for _, _, model in students]
+            student_named = [layer_outputs(model, images, args.layers, aad) for _, _, model, aad in students]
             for accumulator, named in zip(accumulators, student_named):
                 accumulator.update([t for _, t in teacher_named], [t for _, t in named])
             seen += len(images)
@@ -161,7 +182,7 @@ def compute(args):
         "students": [{"label": label, "model": name, "checkpoint": portable_path(path, folder),
                       "sha256": file_sha256(path), "layers": [n for n, _ in named],
                       "cka": accumulator.value().tolist()}
-                     for (label, name, _), path, named, accumulator in zip(students, args.student_checkpoint,
+                     for (label, name, _, _), path, named, accumulator in zip(students, args.student_checkpoint,
                                                                            student_named, accumulators)]}
 
 
@@ -178,8 +199,9 @@ def plot_heatmaps(result, path):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
         ax.set_xticks(range(len(student["layers"])), student["layers"], rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(len(rows)), rows if ax is axes[0][0] else [""] * len(rows), fontsize=8)
-        ax.set_title(f"{student['label']}\n{student['model']}", fontsize=9)
-    axes[0][0].set_ylabel(f"teacher {result['teacher']}")
+        ax.set_title(student["label"], fontsize=9)
+        ax.set_xlabel(f"student layer ({student['model']})", fontsize=8)
+    axes[0][0].set_ylabel(f"teacher layer ({result['teacher']})")
     fig.colorbar(image, ax=list(axes[0]), fraction=0.03, label="linear CKA")
     fig.suptitle(f"linear CKA ({result['estimator']} minibatch HSIC, {result['images']} validation images)",
                  fontsize=10)
