@@ -33,9 +33,11 @@ from kdcore.features import FeatureRequest, extract_features
 from tools import fidelity_study as study
 from tools import study_stats
 from tools.study_report import write_table
+from tools.study_runs import CACHED_METHODS
 
 TINY_BUDGET_S = 120  # the issue's limit for the tiny mode in the test suite
 DEIT, MIXER = "convnext_demo_32-deit_demo_32", "convnext_demo_32-mixer_demo_32"
+RESNET = "swin_demo_32-resnet_demo_32"  # part 2's other direction: a token teacher, a BatchNorm CNN student
 
 
 def test_mixer_demo_parameter_count_by_hand_and_stages():
@@ -87,15 +89,25 @@ def test_tiny_mode_runs_every_phase_within_budget(tiny_study):
     rows = read_csv(out / "results.csv")
     assert tuple(rows[0]) == study.RESULT_COLUMNS
     # pilot: scratch at 2 and 4 epochs on both pairs; tuning: scratch and RSD at both values on the Mixer pair;
-    # grid: both methods at the chosen values on both pairs (the Mixer's runs are the tuning's)
+    # grid: both methods at the chosen values on the three pairs (the Mixer's runs are the tuning's)
     pilot = json.loads((out / "pilot.json").read_text())
     tuning = json.loads((out / "tuning.json").read_text())
     assert pilot["choice"] == {"train_subset": 64, "epochs": 2, "plateaued": True}
     assert set(tuning["methods"]) == {"scratch", "rsd"}
     chosen = {m: f"{t['flag'][2:].replace('-', '_')}={t['chosen']}" for m, t in tuning["methods"].items()}
     grid = sorted((r["pair"], r["method"], r["hyperparameters"]) for r in rows if "grid" in r["roles"].split())
-    assert grid == sorted((p, m, chosen[m]) for p in (DEIT, MIXER) for m in ("scratch", "rsd"))
+    assert grid == sorted((p, m, chosen[m]) for p in (DEIT, MIXER, RESNET) for m in ("scratch", "rsd"))
     assert sum("pilot" in r["roles"] for r in rows) == 4 and sum("tuning" in r["roles"] for r in rows) == 4
+    # part 2: the random-teacher control, RichKD isolated (KD at its T and weight, RichKD (L)), PAT on one pair
+    part2 = sorted((r["roles"], r["pair"], r["method"], r["hyperparameters"]) for r in rows
+                   if r["roles"] in ("controls", "richkd", "pat"))
+    assert part2 == [("controls", "convnext_demo_32_random-deit_demo_32", "kd", "kd_temperature=1.0"),
+                     ("pat", DEIT, "pat", "default"),
+                     ("richkd", DEIT, "kd", "kd_temperature=3.0,kd_loss_weight=3.0"),
+                     ("richkd", DEIT, "richkd", "richkd_mode=L")]
+    fusion = json.loads((out / "fusion.json").read_text())
+    assert fusion["alpha"] == 0.7 and fusion["images"] == 32 and fusion["source_model"] == "swin_demo_32"
+    assert all(0 <= fusion[k] <= 100 for k in ("teacher", "source", "fused"))
     assert len(rows) == len({(r["pair"], r["method"], r["hyperparameters"], r["epochs"]) for r in rows})
     for row in rows:
         folder = run_folder(out, row)
@@ -106,14 +118,18 @@ def test_tiny_mode_runs_every_phase_within_budget(tiny_study):
         assert float(row["test_top1_last"]) == test["last"][0]["top1"] and test["last"][0]["num_samples"] == 32
         args = yaml.safe_load((folder / "args.yaml").read_text())
         assert (args["holdout"], args["train_subset"], args["teacher_precision"]) == (32, 64, "fp32")
-        assert bool(args.get("teacher_cache")) == (row["method"] == "rsd")
+        assert bool(args.get("teacher_cache")) == (row["method"] in CACHED_METHODS)  # not scratch, not PAT
         assert float(row["wall_s"]) > 0 and row["cpu"] and row["date"] == datetime.date.today().isoformat()
     wall = json.loads((out / "wall.json").read_text())
     assert len(wall["invocations"]) == 1 and 0 < wall["total_s"] == wall["invocations"][0]["wall_s"]
     table = (out / "table.md").read_text()
     assert re.search(r"\| scratch \| [\d.]+ \(n=1\) \| [\d.]+ \(n=1\) \|", table)
-    for png in ("top1.png", f"cka_{DEIT}.png", f"cka_{MIXER}.png"):
+    for png in ("top1.png", f"cka_{DEIT}.png", f"cka_{MIXER}.png", f"cka_{RESNET}.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    cka = json.loads((out / f"cka_{RESNET}.json").read_text())
+    assert cka["teacher"] == "swin_demo_32" and cka["summary"]["seeds"] == [0]
+    assert set(cka["summary"]["aad"]) == {"rsd"} and cka["student_layers"]["rsd"][-1] == "AAD(embedding)"
+    assert "Controls on ConvNeXt -> DeiT" in table and "RichKD isolated on ConvNeXt -> DeiT" in table
 
 
 @pytest.mark.slow
@@ -126,7 +142,7 @@ def test_second_invocation_skips_finished_runs(tiny_study, random_demo_teacher):
                     "--cka-images", "0")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "starting" not in again.stdout
-    assert len(stamps) == 9 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert len(stamps) == 15 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / "results.csv").read_text() == results
     assert len(json.loads((out / "wall.json").read_text())["invocations"]) == 2
 
@@ -256,7 +272,7 @@ class FakeProgress(study.Progress):
 
     def __init__(self, plan, val):
         values = {"batch_size": 50, "holdout": 100, "lr": 1e-3}
-        stub = study.Study("cfg", "/nonexistent", "t.pth", cache_student="s", data_args=[])
+        stub = study.Study("cfg", "/nonexistent", {"teacher": ("t", "t.pth")}, cache_student="s", data_args=[])
         super().__init__(stub, plan, "teacher", values, build_train_parser(DISTILLERS), jobs=1, train=False)
         self.val, self.asked = val, []
 
@@ -325,7 +341,7 @@ def test_tuning_keeps_the_default_on_a_tie_and_takes_a_better_alternative():
     assert progress.tuning["methods"]["kd"] == {"flag": "--kd-temperature", "default": 1.0, "alternative": 4.0,
                                                 "val_top1": {"default": 70.0, "alternative": 70.0}, "chosen": 1.0}
     assert {r.student for _, r in progress.asked} == {"b"}
-    grid = study.grid_phase(progress, schedule, chosen)
+    grid = study.grid_phase(progress, schedule, chosen, progress.grid_pairs())
     assert len(grid) == 2 * 2 * 3 and {r.setting for r in grid if r.method == "kd"} == {(("kd_temperature", 1.0),)}
     assert [r.seed for r in grid[:4]] == [0] * 4  # seed-major: an early stop leaves whole seeds
 

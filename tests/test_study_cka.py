@@ -89,6 +89,12 @@ def test_three_seeds_floor_scratch_pairs_and_aad_column(tmp_path, study_runs):
     # kd's checkpoints are scratch's: identical maps, so nothing lies beyond the floor
     assert written["methods"]["kd"]["mean"] == written["methods"]["scratch"]["mean"]
     assert summary["differs_count"]["kd"] == 0
+    # rsd is compared on the layers scratch has too; its AAD column has no reference cell
+    rsd = written["methods"]["rsd"]
+    assert np.array(rsd["differs"]).shape == np.array(written["methods"]["scratch"]["mean"]).shape
+    floor = np.maximum(np.array(rsd["std"])[:, :-1], np.array(written["methods"]["scratch"]["std"]))
+    gap = np.abs(np.array(rsd["mean"])[:, :-1] - np.array(written["methods"]["scratch"]["mean"]))
+    assert summary["differs_count"]["rsd"] == int((gap > floor).sum())
     per_seed = np.array([next(s["cka"] for s in written["seeds"][str(seed)] if s["label"] == "scratch")
                          for seed in range(3)])
     np.testing.assert_allclose(written["methods"]["scratch"]["std"], per_seed.std(0, ddof=1), atol=1e-12)

@@ -82,8 +82,8 @@ def main(argv=None):
     teacher_checkpoint = os.path.join(REPO, "pretrained", "convnext_demo_32_fmnist.pth")
     rows = []
     for pairing in PAIRINGS:
-        study = Study(CONFIG, os.path.join(out, pairing), teacher_checkpoint, cache_student=STUDENT,
-                      data_args=["--dataset", "synthetic" if opts.tiny else recipe["dataset"]],
+        study = Study(CONFIG, os.path.join(out, pairing), {TEACHER: (TEACHER, teacher_checkpoint)},
+                      cache_student=STUDENT, data_args=["--dataset", "synthetic" if opts.tiny else recipe["dataset"]],
                       extra=[*MIXING, "--mixup-pairing", pairing, *(TINY_TRAIN_ARGS if opts.tiny else [])],
                       cached_methods=())
         runs = [RunSpec(f"{TEACHER}-{STUDENT}", STUDENT, "rsd", (), size, epochs, seed) for seed in seeds]

@@ -7,10 +7,11 @@ mean and spread over seeds, and where a method's map differs from scratch's by m
 
 Per cell (teacher layer, student layer): mean and sample std (ddof 1) over the seeds of each method; the floor of a
 method is max(its std, scratch's std) and the method differs from scratch only where |mean - scratch's mean|
-exceeds it. Scratch against scratch (seed i's student as the "teacher" of seed i+1's, cyclically) gives the CKA
-two students of one architecture reach by chance of the seed alone: the reference a teacher-student value is read
-against. RSD's checkpoints keep their AAD, so its map also has the column "AAD(embedding)": the decoupler's output,
-the representation RSD's loss pulls towards the teacher's embedding, beside the raw student embedding.
+exceeds it (on the layers both have: RSD's AAD column has no scratch counterpart). Scratch against scratch
+(seed i's student as the "teacher" of seed i+1's, cyclically) gives the CKA two students of one architecture reach
+by chance of the seed alone: the reference a teacher-student value is read against. RSD's checkpoints keep their
+AAD, so its map also has the column "AAD(embedding)": the decoupler's output, the representation RSD's loss pulls
+towards the teacher's embedding, beside the raw student embedding.
 """
 import json
 import os
@@ -46,9 +47,10 @@ def method_summary(method, maps, reference):
     entry = {"mean": mean.tolist(), "std": None if std is None else std.tolist()}
     if method != REFERENCE and reference is not None:
         ref_mean, ref_std = reference
-        if std is not None and ref_std is not None and mean.shape == ref_mean.shape:
-            floor = np.maximum(std, ref_std)
-            differs = np.abs(mean - ref_mean) > floor
+        if std is not None and ref_std is not None:
+            shared = ref_mean.shape[1]  # scratch's layers; RSD's extra AAD column comes last and has no reference
+            floor = np.maximum(std[:, :shared], ref_std)
+            differs = np.abs(mean[:, :shared] - ref_mean) > floor
             entry.update(floor=floor.tolist(), differs=differs.tolist(), differs_count=int(differs.sum()))
     return entry
 
@@ -109,7 +111,8 @@ def seed_cka(teacher_model, teacher_checkpoint, students, seeds, images, json_pa
                                "cka": s["cka"]} for s in r["students"]] for seed, r in zip(seeds, per_seed)},
         "methods": summaries, "scratch_vs_scratch": scratch,
         "summary": {
-            "seeds": list(seeds), "images": per_seed[0]["images"], "cells": int(np.size(maps[methods[0]][0])),
+            "seeds": list(seeds), "images": per_seed[0]["images"],
+            "cells": int(np.size(maps.get(REFERENCE, maps[methods[0]])[0])),
             "differs_count": {m: s["differs_count"] for m, s in summaries.items() if "differs_count" in s},
             "aad": aad_rows(per_seed, teacher_layers)}}
     if scratch:
@@ -145,7 +148,7 @@ def plot_floor_maps(result, path):
                 text = f"{mean[i, j]:.2f}" + (f"\n±{std[i][j]:.2f}" if std is not None else "")
                 ax.text(j, i, text, ha="center", va="center", fontsize=6,
                         color="white" if mean[i, j] < 0.6 else "black")
-                if differs is not None and differs[i][j]:
+                if differs is not None and j < len(differs[i]) and differs[i][j]:
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
         ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(rows)), rows, fontsize=7)

@@ -32,9 +32,11 @@ MARKER = "study.json"  # per run: wall seconds over all its attempts, their CPU(
 TEST_SCORES = "test.json"  # per run: the test top-1 of its last and its validation-selected checkpoints
 HEARTBEAT_S = 10  # how often a running job's wall time is written to its marker
 TICK_S = 60  # how often the scheduler reports to its caller while jobs run
-METHODS = {"scratch": "vanilla", "kd": "kd", "dkd": "dkd", "ofa": "ofa", "rsd": "rsd", "dist": "dist",
-           "fitnet": "fitnet", "crd": "crd"}  # study name -> --distiller, in the tables' order
-CACHED_METHODS = ("kd", "dkd", "ofa", "rsd", "dist")  # read the teacher from the per-seed cache
+METHODS = {"scratch": "vanilla", "kd": "kd", "dkd": "dkd", "ofa": "ofa", "rsd": "rsd", "pat": "pat",
+           "richkd": "richkd", "dist": "dist", "fitnet": "fitnet", "crd": "crd"}  # study name -> --distiller, in
+# the tables' order
+RANDOM = "_random"  # a teacher label's suffix: its architecture at a seeded random initialisation (the control)
+CACHED_METHODS = ("kd", "dkd", "ofa", "rsd", "richkd", "dist")  # read the teacher from the per-seed cache
 
 
 def setting_text(setting):
@@ -63,6 +65,11 @@ class RunSpec:
         return (f"{self.pair} {self.method} {setting_text(self.setting)} n={self.train_subset} e={self.epochs} "
                 f"seed {self.seed}")
 
+    @property
+    def teacher(self):
+        """The teacher's label in the study (Study.teachers): the pair's first part."""
+        return self.pair.split("-", 1)[0]
+
     def key(self):
         """What names the run in a results row (results.csv's columns of the same names, as text)."""
         return (self.pair, self.method, setting_text(self.setting), str(self.train_subset), str(self.epochs),
@@ -75,18 +82,20 @@ def row_key(row):
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """The teacher's outputs on every epoch's training views of one seed (tools/build_cache.py), for the runs of
-    every pair: the students share one input spec (a run whose student did not would refuse the cache)."""
+    """A teacher's outputs on every epoch's training views of one seed (tools/build_cache.py), for the runs of
+    every pair it teaches: the students share one input spec (a run whose student did not would refuse the
+    cache)."""
 
+    teacher: str  # its label in Study.teachers
     train_subset: int
     epochs: int
     seed: int
 
     def folder(self, out):
-        return os.path.join(out, "caches", f"n{self.train_subset}_e{self.epochs}_seed{self.seed}")
+        return os.path.join(out, "caches", self.teacher, f"n{self.train_subset}_e{self.epochs}_seed{self.seed}")
 
     def label(self):
-        return f"teacher cache n={self.train_subset} e={self.epochs} seed {self.seed}"
+        return f"{self.teacher} cache n={self.train_subset} e={self.epochs} seed {self.seed}"
 
 
 def flag_args(setting):
@@ -98,18 +107,25 @@ def flag_args(setting):
 class Study:
     """What every command of a study shares."""
 
-    config: str  # train.py YAML config: the recipe, the teacher, --holdout
+    config: str  # train.py YAML config: the recipe, --holdout
     out: str
-    teacher_checkpoint: str
+    teachers: dict  # label (a pair's first part) -> (timm model name, checkpoint path)
     cache_student: str  # the student whose input spec the caches' views are made for
     data_args: list  # validate.py's dataset flags for the test set
     extra: list = field(default_factory=list)  # appended to every train.py / build_cache.py command (--tiny)
+    method_args: dict = field(default_factory=dict)  # method -> train.py flags its runs add (RichKD's source)
     cached_methods: tuple = CACHED_METHODS  # () for runs a cache cannot serve (batch-paired mixup)
     ledger: dict = field(default_factory=dict)  # run key -> results row of runs finished in an earlier sitting
     stop: threading.Event = field(default_factory=threading.Event)
 
     def cache_for(self, run):
-        return CacheSpec(run.train_subset, run.epochs, run.seed) if run.method in self.cached_methods else None
+        if run.method not in self.cached_methods:
+            return None
+        return CacheSpec(run.teacher, run.train_subset, run.epochs, run.seed)
+
+    def teacher_args(self, teacher):
+        model, checkpoint = self.teachers[teacher]
+        return ["--teacher", model, "--teacher-pretrained", checkpoint]
 
     def schedule_args(self, spec):
         return ["--train-subset", str(spec.train_subset), "--epochs", str(spec.epochs), "--seed", str(spec.seed)]
@@ -117,9 +133,9 @@ class Study:
     def train_command(self, run):
         folder = run.folder(self.out)
         command = [sys.executable, os.path.join(REPO, "train.py"), "-c", self.config, "--model", run.student,
-                   "--distiller", METHODS[run.method], *self.schedule_args(run),
-                   "--teacher-pretrained", self.teacher_checkpoint, "--output", os.path.dirname(folder),
-                   "--experiment", os.path.basename(folder), "--resume", "auto", *flag_args(run.setting), *self.extra]
+                   "--distiller", METHODS[run.method], *self.schedule_args(run), *self.teacher_args(run.teacher),
+                   "--output", os.path.dirname(folder), "--experiment", os.path.basename(folder), "--resume", "auto",
+                   *flag_args(run.setting), *self.method_args.get(run.method, []), *self.extra]
         cache = self.cache_for(run)
         return command + (["--teacher-cache", cache.folder(self.out)] if cache else [])
 
@@ -134,7 +150,7 @@ class Study:
     def cache_command(self, cache):
         return [sys.executable, os.path.join(REPO, "tools", "build_cache.py"), "--views", "augmented",
                 "-c", self.config, "--model", self.cache_student, *self.schedule_args(cache),
-                "--teacher-pretrained", self.teacher_checkpoint, "--teacher-cache", cache.folder(self.out),
+                *self.teacher_args(cache.teacher), "--teacher-cache", cache.folder(self.out),
                 "--cache-dtype", "fp32", "--store", "logits", "embedding", *self.extra]
 
 

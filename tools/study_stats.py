@@ -45,10 +45,10 @@ def holm(p_values):
     return adjusted
 
 
-def comparisons(by_seed):
-    """by_seed: {method: {seed: top-1}} of one pair. The COMPARISONS whose methods both ran, each a dict with the
-    paired difference and its Holm-adjusted p (over the comparisons of this pair)."""
-    found = [(a, b) for a, b in COMPARISONS if a in by_seed and b in by_seed]
+def comparisons(by_seed, wanted=COMPARISONS):
+    """by_seed: {method: {seed: top-1}} of one pair (or one table's arms). The `wanted` (a, b) whose methods both
+    ran, each a dict with the paired difference and its Holm-adjusted p (over the comparisons found)."""
+    found = [(a, b) for a, b in wanted if a in by_seed and b in by_seed]
     rows = [dict(a=a, b=b, **paired_difference(by_seed[a], by_seed[b])) for a, b in found]
     for row, adjusted in zip(rows, holm([row["p"] for row in rows])):
         row["p_holm"] = adjusted
