@@ -32,7 +32,7 @@ from kdcore.errors import UserError
 from kdcore.features import FeatureRequest, extract_features
 from tools import fidelity_study as study
 from tools import study_stats
-from tools.study_report import write_table
+from tools.study_report import read_records, write_table
 from tools.study_runs import CACHED_METHODS
 
 TINY_BUDGET_S = 120  # the issue's limit for the tiny mode in the test suite
@@ -371,12 +371,13 @@ def fidelity_section():
 
 def test_readme_figures_are_the_committed_results(tmp_path):
     """The README's fidelity section quotes results/fidelity: each of its table rows is a row of the table
-    regenerated here from the committed results.csv, pilot.json and tuning.json; each decimal figure of its prose
-    is in that table; the study's wall time is wall.json's; grid cells agree with numpy on the raw rows."""
+    regenerated here from the committed results.csv, pilot.json, tuning.json, fusion.json and CKA summaries; each
+    decimal figure of its prose is in that table; the study's wall time is wall.json's; grid cells agree with
+    numpy on the raw rows."""
     results = os.path.join(study.REPO, "results", "fidelity")
     rows = read_csv(os.path.join(results, "results.csv"))
     records = {name: json.loads(open(os.path.join(results, f"{name}.json")).read()) for name in ("pilot", "tuning")}
-    write_table(rows, records["pilot"], records["tuning"], tmp_path / "table.md")
+    write_table(rows, records["pilot"], records["tuning"], tmp_path / "table.md", *read_records(results))
     table = (tmp_path / "table.md").read_text()
     assert table == open(os.path.join(results, "table.md")).read()
     section = fidelity_section()

@@ -153,7 +153,7 @@ def cka_lines(summaries):
     for pair, summary in summaries.items():
         seeds = len(summary["seeds"])
         head = (f"CKA on {OUR_NAMES.get(student_of(pair), pair)} ({seeds} seed{'s' if seeds > 1 else ''}, "
-                f"{summary['images']} validation images): ")
+                f"{summary['images']} test images): ")
         if summary["differs_count"]:
             head += (f"cells differing from scratch beyond the floor (the larger std over seeds of the two), of "
                      f"{summary['cells']}: " + ", ".join(f"{m} {n}" for m, n in summary["differs_count"].items()))
