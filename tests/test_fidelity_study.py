@@ -32,7 +32,7 @@ from kdcore.errors import UserError
 from kdcore.features import FeatureRequest, extract_features
 from tools import fidelity_study as study
 from tools import study_stats
-from tools.study_report import read_records, write_table
+from tools.study_report import cost_lines, read_records, write_table
 from tools.study_runs import CACHED_METHODS
 
 TINY_BUDGET_S = 120  # the issue's limit for the tiny mode in the test suite
@@ -361,6 +361,21 @@ def test_paired_statistics_equal_scipy_and_a_hand_holm():
     assert study_stats.holm([0.04, 0.01, 0.30, 0.02]) == pytest.approx([0.08, 0.04, 0.30, 0.06])
     assert study_stats.holm([0.01, 0.011, 0.5]) == pytest.approx([0.03, 0.03, 0.5])  # 0.011 x 2 lifted to 0.03
     assert study_stats.holm([0.2, float("nan")])[0] == 0.2 and np.isnan(study_stats.holm([0.2, float("nan")])[1])
+
+
+def test_cost_table_gives_median_wall_per_cpu_and_their_ratio():
+    """Median wall time per run by student, method and CPU at the grid's schedule, and the slower CPU's median
+    over the faster's on the kinds both ran; runs at another schedule (the pilot's) stay out."""
+    def row(method, cpu, wall, epochs="24", roles="grid"):
+        return {"pair": "t-deit_demo_32", "method": method, "cpu": cpu, "wall_s": str(wall), "train_subset": "2000",
+                "epochs": epochs, "roles": roles}
+    rows = [row("kd", "A", 100), row("kd", "A", 120), row("kd", "A", 500), row("kd", "B", 150, roles="controls"),
+            row("kd", "B", 999, epochs="12", roles="pilot"), row("rsd", "A", 90)]
+    lines = cost_lines(rows)
+    assert "| deit_demo_32 | kd | A | 3 | 120 |" in lines and "| deit_demo_32 | kd | B | 1 | 150 |" in lines
+    assert "| deit_demo_32 | rsd | A | 1 | 90 |" in lines
+    assert "| deit_demo_32 | kd | A | B | 1.25 |" in lines  # 150 / median(100, 120, 500)
+    assert not any("| rsd | A | B |" in line for line in lines)
 
 
 def fidelity_section():

@@ -4,9 +4,11 @@ paper's), from the study's result rows and its fusion.json and cka_*.json."""
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import math
 import os
+import statistics
 
 from matplotlib.figure import Figure
 
@@ -175,6 +177,35 @@ def cell_text(values):
     return f"{mean:.3f} ± {std:.3f} (n={n})" if n > 1 else f"{mean:.3f} (n=1)"
 
 
+def cost_lines(rows):
+    """The median wall time per run at the grid's schedule, by student, method and CPU, and the ratio between
+    two CPUs where both ran the same student and method: the measured scale of one CPU's run time to another's."""
+    grid = grid_rows(rows)
+    if not grid:
+        return []
+    schedule = (grid[0]["train_subset"], grid[0]["epochs"])
+    walls = {}
+    for r in rows:
+        if (r["train_subset"], r["epochs"]) == schedule and r["cpu"]:
+            walls.setdefault((student_of(r["pair"]), r["method"]), {}).setdefault(r["cpu"], []).append(
+                float(r["wall_s"]))
+    medians = {kind: {cpu: statistics.median(v) for cpu, v in by_cpu.items()} for kind, by_cpu in walls.items()}
+    lines = [f"Wall time per run at {schedule[1]} epochs on {schedule[0]} images (median seconds; two runs share "
+             "the machine, one thread each):", "", "| student | method | CPU | runs | median s |",
+             "|---|---|---|---|---|"]
+    for (student, method), by_cpu in sorted(medians.items()):
+        lines += [f"| {student} | {method} | {cpu} | {len(walls[student, method][cpu])} | {m:.0f} |"
+                  for cpu, m in sorted(by_cpu.items(), key=lambda item: item[1])]
+    ratios = [(student, method, fast, slow, by_cpu[slow] / by_cpu[fast])
+              for (student, method), by_cpu in sorted(medians.items())
+              for fast, slow in itertools.combinations(sorted(by_cpu, key=by_cpu.get), 2)]
+    if ratios:
+        lines += ["", "The same student and method on two CPUs: the slower's median over the faster's:", "",
+                  "| student | method | faster CPU | slower CPU | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {s} | {m} | {fast} | {slow} | {ratio:.2f} |" for s, m, fast, slow, ratio in ratios]
+    return lines + [""]
+
+
 def protocol_lines(rows, pilot, tuning):
     grid = grid_rows(rows)
     lines = []
@@ -222,7 +253,7 @@ def write_table(rows, pilot, tuning, path, fusion=None, cka=None):
         lines += ["Paired differences by seed of the last-epoch test top-1 (95% t-interval, two-sided paired "
                   "t-test; Holm over the comparisons of a pair):", ""] + comparison_lines(grid, pairs,
                                                                                       "test_top1_last") + [""]
-    lines += section_lines(rows, fusion) + cka_lines(cka or {})
+    lines += section_lines(rows, fusion) + cka_lines(cka or {}) + cost_lines(rows)
     atomic_write_text("\n".join(lines), path)
 
 
