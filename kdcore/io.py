@@ -49,8 +49,9 @@ def atomic_write(path: _Path, write: Callable[[IO[bytes]], Any]) -> None:
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
+            _test_pause(os.path.basename(path))
             write(f)
-            _test_faults(os.path.basename(path))
+            _test_failure(os.path.basename(path))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,20 +65,28 @@ def atomic_write(path: _Path, write: Callable[[IO[bytes]], Any]) -> None:
 _WRITES_SEEN: dict = {}
 
 
-def _test_faults(name: str) -> None:
-    """Test-only faults inside a write, chosen by environment variables (unset in real runs):
-    KD_TEST_PAUSE_WRITE=PREFIX:FLAG pauses the first write of a file whose name starts with PREFIX, creating the
-    file FLAG and waiting (up to 60 s) until the test removes it; KD_TEST_FAIL_WRITE=NAME:N makes the N-th write
-    of NAME fail as a full disk does (where the tests cannot mount a small tmpfs)."""
-    pause, fail = os.environ.get("KD_TEST_PAUSE_WRITE"), os.environ.get("KD_TEST_FAIL_WRITE")
-    if pause:
-        prefix, flag = pause.split(":", 1)
-        if name.startswith(prefix) and not _WRITES_SEEN.get(("pause", prefix)):
-            _WRITES_SEEN[("pause", prefix)] = True
+def _test_pause(name: str) -> None:
+    """Test-only, chosen by an environment variable (unset in real runs): KD_TEST_PAUSE_WRITE=PREFIX[#N]:FLAG
+    pauses the N-th (default first) write of a file whose name starts with PREFIX before any byte of it is
+    written, creating the file FLAG and waiting (up to 60 s) until the test removes it."""
+    pause = os.environ.get("KD_TEST_PAUSE_WRITE")
+    if not pause:
+        return
+    target, flag = pause.split(":", 1)
+    prefix, _, count = target.partition("#")
+    if name.startswith(prefix):
+        seen = _WRITES_SEEN[("pause", prefix)] = _WRITES_SEEN.get(("pause", prefix), 0) + 1
+        if seen == int(count or 1):
             open(flag, "w").close()
             deadline = time.time() + 60
             while os.path.exists(flag) and time.time() < deadline:
                 time.sleep(0.01)
+
+
+def _test_failure(name: str) -> None:
+    """Test-only: KD_TEST_FAIL_WRITE=NAME:N makes the N-th write of NAME fail as a full disk does, after its
+    bytes went to the temporary file (where the tests cannot mount a small tmpfs)."""
+    fail = os.environ.get("KD_TEST_FAIL_WRITE")
     if fail:
         target, count = fail.rsplit(":", 1)
         if name == target:
