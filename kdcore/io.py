@@ -36,17 +36,19 @@ def fsync_folder(folder: _Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: _Path, write: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(path: _Path, write: Callable[[IO[bytes]], Any], suffix: str = ".tmp") -> None:
     """`write(file)` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder.
 
     A failure (a full disk, a quota, an I/O error) removes the temporary file and re-raises: `path` keeps its
     old contents.
 
     Args:
-        path: the file to create or replace; the temporary file is `path` + '.tmp'.
+        path: the file to create or replace; the temporary file is `path` + `suffix`.
         write: called once with the temporary file, opened for writing bytes; its return value is ignored.
+        suffix: of the temporary file. A writer into a folder that another process owns picks one that the
+            owner's `remove_stale_temporaries` (of '*.tmp') does not match.
     """
-    tmp = f"{path}.tmp"
+    tmp = f"{path}{suffix}"
     try:
         with open(tmp, "wb") as f:
             _test_pause(os.path.basename(path))
@@ -128,9 +130,9 @@ def atomic_save(obj: Any, path: _Path) -> None:
     atomic_write(path, lambda f: _torch_save(obj, f))
 
 
-def atomic_write_text(text: str, path: _Path) -> None:
-    """Write `text` to `path`, atomically."""
-    atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(text: str, path: _Path, suffix: str = ".tmp") -> None:
+    """Write `text` to `path`, atomically (`suffix`: see `atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode()), suffix)
 
 
 def atomic_write_json(value: Any, path: _Path) -> None:

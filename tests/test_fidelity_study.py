@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -30,10 +31,11 @@ from engine.run import build_run
 from engine.train_args import build_train_parser
 from kdcore.errors import UserError
 from kdcore.features import FeatureRequest, extract_features
+from kdcore.io import remove_stale_temporaries
 from tools import fidelity_study as study
 from tools import study_stats
 from tools.study_report import cost_lines, read_records, write_table
-from tools.study_runs import CACHED_METHODS
+from tools.study_runs import CACHED_METHODS, MARKER, read_marker, write_marker
 
 TINY_BUDGET_S = 120  # the issue's limit for the tiny mode in the test suite: wall-clock seconds
 CORES = 2  # the machines' cores, which its two jobs (--jobs 2, one thread each) fill
@@ -214,6 +216,39 @@ def test_same_command_gives_the_same_weights(tiny_study, tmp_path):
     weights = torch.load(run_folder(out, row) / "student_last.pth", weights_only=True)
     repeated = torch.load(tmp_path / "again" / "student_last.pth", weights_only=True)
     assert weights.keys() == repeated.keys() and all(torch.equal(weights[k], repeated[k]) for k in weights)
+
+
+def test_a_run_starting_in_its_folder_leaves_the_studys_marker_write_alone(tmp_path, monkeypatch):
+    """The study's heartbeat writes its marker into the run's folder while the run starts there, and a starting
+    run removes the '*.tmp' files a kill left (engine/run.py): the marker's temporary file must not be one.
+    (It was: the study died of a FileNotFoundError in CI on a slow CPU, when the two met.)"""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    stale = folder / "last.pth.tar.tmp"  # what a killed run leaves, and a starting one removes
+    stale.write_bytes(b"partial")
+    flag = tmp_path / "marker_write_held"
+    monkeypatch.setenv("KD_TEST_PAUSE_WRITE", f"{MARKER}:{flag}")
+    errors = []
+
+    def heartbeat():
+        try:
+            write_marker(str(folder), {"wall_s": 10.0})
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    writer = threading.Thread(target=heartbeat)
+    writer.start()
+    deadline = time.time() + 30
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    assert flag.exists(), "the marker's write never started"
+    remove_stale_temporaries(str(folder))  # the run starts while the marker's bytes are being written
+    flag.unlink()
+    writer.join(timeout=30)
+    assert errors == []
+    assert read_marker(str(folder)) == {"wall_s": 10.0}
+    assert not stale.exists()
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER]
 
 
 def test_seed_changes_initialisation_and_data_order_not_the_subset(tmp_path):

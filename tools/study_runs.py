@@ -29,6 +29,7 @@ from validate import main as validate_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "study.json"  # per run: wall seconds over all its attempts, their CPU(s), the date it finished
+MARKER_TEMPORARY_SUFFIX = ".writing"
 TEST_SCORES = "test.json"  # per run: the test top-1 of its last and its validation-selected checkpoints
 HEARTBEAT_S = 10  # how often a running job's wall time is written to its marker
 TICK_S = 60  # how often the scheduler reports to its caller while jobs run
@@ -163,8 +164,9 @@ def read_marker(folder):
 
 
 def write_marker(folder, marker):
-    """Atomically, so a killed study never leaves a half-written marker."""
-    atomic_write_text(json.dumps(marker), os.path.join(folder, MARKER))
+    """Atomically, so a killed study never leaves a half-written marker. Its temporary file is not a '*.tmp':
+    a run starting in this folder removes those (its own, left by a kill) and would take this one mid-write."""
+    atomic_write_text(json.dumps(marker), os.path.join(folder, MARKER), suffix=MARKER_TEMPORARY_SUFFIX)
 
 
 def epoch_rows(folder):
