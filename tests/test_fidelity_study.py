@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -38,7 +37,6 @@ from tools.study_report import cost_lines, read_records, write_table
 from tools.study_runs import CACHED_METHODS, MARKER, read_marker, write_marker
 
 TINY_BUDGET_S = 120  # the issue's limit for the tiny mode in the test suite: wall-clock seconds
-CORES = 2  # the machines' cores, which its two jobs (--jobs 2, one thread each) fill
 DEIT, MIXER = "convnext_demo_32-deit_demo_32", "convnext_demo_32-mixer_demo_32"
 RESNET = "swin_demo_32-resnet_demo_32"  # part 2's other direction: a token teacher, a BatchNorm CNN student
 
@@ -57,22 +55,33 @@ def test_mixer_demo_parameter_count_by_hand_and_stages():
     assert [tuple(feats.stages[s].shape[1:]) for s in (1, 2, 3, 4)] == [(tokens, d)] * 4
 
 
-def children_cpu_seconds():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory, random_demo_teacher):
-    """The tiny study (every phase of parts 1 and 2 in their fewest runs, one seed), with the CPU seconds it
-    took (the study and every train.py and cache build under it, one thread each) and its wall seconds. Each
-    run is its own train.py process (what makes a killed study resumable), so imports dominate: about 7 CPU-s
-    each on the AVX2-only EPYC, 21 processes; there 88-130 s of wall and 139-187 CPU-s (2026-12-07). This
-    module's tests share this study."""
+    """The tiny study (every phase of parts 1 and 2 in their fewest runs, one seed) and its wall seconds. Its
+    21 jobs are processes forked from one pre-imported server (tools/study_job.py); as `python train.py` each
+    paid about 7 CPU-s of imports first, and the study took 88-183 s on the AVX2-only EPYC (the slowest in CI,
+    which failed the 2 minutes), against 88 s forked where the same machine took 167 s as before (2026-12-07).
+    This module's tests share this study."""
     out = tmp_path_factory.mktemp("study")
-    before, start = children_cpu_seconds(), time.time()
+    start = time.time()
     result = run_cli("tools/fidelity_study.py", "--tiny", "--out", out, "--teacher-checkpoint", random_demo_teacher)
-    return out, result, children_cpu_seconds() - before, time.time() - start
+    return out, result, time.time() - start
+
+
+def processes_using(path):
+    """The processes whose command line names `path` or that hold a file under it open (a study's job, forked
+    from its server, is named by the server's command line, but holds its log open)."""
+    path, found = str(path), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline") as f:
+                named = path in f.read()
+            targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:  # gone meanwhile
+            continue
+        if named or any(target == path or target.startswith(path + os.sep) for target in targets):
+            found.append(pid)
+    return found
 
 
 def read_csv(path):
@@ -87,11 +96,9 @@ def run_folder(out, row):
 
 @pytest.mark.slow
 def test_tiny_mode_runs_every_phase_within_budget(tiny_study):
-    out, result, cpu_seconds, wall_seconds = tiny_study
+    out, result, wall_seconds = tiny_study
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # the wall clock, and the CPU time that bounds it on a machine of its own (its 2 jobs on the 2 cores)
     assert wall_seconds < TINY_BUDGET_S, f"the tiny study took {wall_seconds:.0f} s"
-    assert cpu_seconds < CORES * TINY_BUDGET_S, f"the tiny study took {cpu_seconds:.0f} CPU seconds"
     rows = read_csv(out / "results.csv")
     assert tuple(rows[0]) == study.RESULT_COLUMNS
     # pilot: scratch at 2 and 4 epochs on both pairs; tuning: scratch and RSD at both values on the Mixer pair;
@@ -188,8 +195,7 @@ def test_sigterm_stops_the_study_and_its_runs_and_the_same_command_resumes(tiny_
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 75 and "run the same command again" in err, err[-2000:]
-    left = [p for p in os.listdir("/proc") if p.isdigit() and str(tmp_path) in open(f"/proc/{p}/cmdline").read()]
-    assert not left
+    assert not processes_using(tmp_path)
     assert not (tmp_path / "pilot.json").exists() or not json.loads((tmp_path / "pilot.json").read_text())["levels"]
     again = subprocess.run(command, cwd=study.REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]

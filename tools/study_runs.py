@@ -12,7 +12,6 @@ import csv
 import datetime
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from engine.loop import format_seconds
 from kdcore.errors import UserError
 from kdcore.io import atomic_write_text
 from kdcore.machine import cpu_model_name
+from tools.study_job import job_context, run_script
 from validate import main as validate_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,14 +200,11 @@ def has_run_folder(study, run):
     return is_trained(folder) and os.path.isfile(os.path.join(folder, TEST_SCORES))
 
 
-def single_thread_env():
-    """Each job computes on one thread, so two share the 2 cores without contention (and caches match runs)."""
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
 def run_logged(study, command, folder, log_name):
-    """Run `command` with its output appended to <folder>/<log_name>, keeping the folder's marker's wall time
-    current (a resumed job adds to the time of its earlier attempts); stops it when the study stops."""
+    """Run `command` (`python <script> args`: train.py or tools/build_cache.py) as a process forked from the
+    study's pre-imported server (tools/study_job.py), its output appended to <folder>/<log_name>, keeping the
+    folder's marker's wall time current (a resumed job adds to the time of its earlier attempts); stops it when
+    the study stops."""
     earlier = read_marker(folder)
     before = earlier.get("wall_s", 0.0)
     cpus = set(earlier.get("cpu", "").split(" + ")) - {""}
@@ -215,25 +212,23 @@ def run_logged(study, command, folder, log_name):
     os.makedirs(folder, exist_ok=True)
     start = time.time()
     log_path = os.path.join(folder, log_name)
-    with open(log_path, "a") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=single_thread_env())
-        try:
-            beat = time.time()
-            while True:
-                try:
-                    code = process.wait(timeout=1)
-                    break
-                except subprocess.TimeoutExpired:
-                    if study.stop.is_set():
-                        raise KeyboardInterrupt from None
-                    if time.time() - beat >= HEARTBEAT_S:
-                        write_marker(folder, dict(marker, wall_s=before + time.time() - start))
-                        beat = time.time()
-        except BaseException:  # Ctrl-C, a kill of the study or another job's failure: the next start resumes
-            process.terminate()
-            process.wait()
-            write_marker(folder, dict(marker, wall_s=before + time.time() - start))
-            raise
+    process = job_context().Process(target=run_script, args=(command[1], command[2:], log_path, REPO))
+    process.start()
+    try:
+        beat = time.time()
+        while process.exitcode is None:
+            process.join(timeout=1)
+            if process.exitcode is None and study.stop.is_set():
+                raise KeyboardInterrupt
+            if time.time() - beat >= HEARTBEAT_S:
+                write_marker(folder, dict(marker, wall_s=before + time.time() - start))
+                beat = time.time()
+    except BaseException:  # Ctrl-C, a kill of the study or another job's failure: the next start resumes
+        process.terminate()
+        process.join()
+        write_marker(folder, dict(marker, wall_s=before + time.time() - start))
+        raise
+    code = process.exitcode
     wall = before + time.time() - start
     if code != 0:
         with open(log_path) as f:
