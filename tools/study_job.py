@@ -2,11 +2,10 @@
 
 A job run as `python train.py ...` pays about 7 CPU-seconds of imports (torch, torchvision's pull of
 torch._dynamo, timm) before its first step; the tiny study's runs take not much more than that. The study
-instead starts multiprocessing's fork server with this module preloaded: it sets one thread before torch loads
-(what `OMP_NUM_THREADS=1` did for each process), imports the scripts, and each job is a fresh process forked
-from it, running the script's `main(argv)` on one thread (as `OMP_NUM_THREADS=1` ran each process) with its
-output going to the job's log. A job is still its own process: a kill or a SIGTERM reaches it alone, and its exit
-code is the script's.
+instead starts multiprocessing's fork server with this module preloaded, so it imports the scripts once, and
+each job is a fresh process forked from it, running the script's `main(argv)` on one thread (as
+`OMP_NUM_THREADS=1` ran each process) with its output going to the job's log. A job is still its own process:
+a kill or a SIGTERM reaches it alone, and its exit code is the script's.
 """
 import importlib
 import multiprocessing
@@ -17,8 +16,6 @@ import torch
 
 import train  # noqa: F401  (what the server preloads: the point of this module)
 from tools import build_cache  # noqa: F401
-
-SCRIPTS = {"train.py": "train", os.path.join("tools", "build_cache.py"): "tools.build_cache"}  # path -> module
 
 
 def job_context():
@@ -43,4 +40,5 @@ def run_script(script, argv, log_path, cwd):
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # for any process the job starts
     torch.set_num_threads(1)
     sys.argv = [script, *argv]
-    importlib.import_module(SCRIPTS[os.path.relpath(script, cwd)]).main(argv)
+    module = os.path.relpath(script, cwd).removesuffix(".py").replace(os.sep, ".")  # tools/x.py -> tools.x
+    importlib.import_module(module).main(argv)
